@@ -1,0 +1,213 @@
+"""The one typed config. YAML files, CLI `--set` overrides and flow parameters all go through
+`BenchConfig`, so a bad value is refused in the same words wherever it comes from."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from peft_modules.spec import AdapterSpec
+
+DType = Literal["float32", "bfloat16", "float16"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = "openai-community/gpt2"
+    revision: Optional[str] = None
+    dtype: DType = "float32"
+    trust_remote_code: bool = False
+
+
+class DataConfig(_Strict):
+    source: str = Field("stanfordnlp/sst2", description="hub dataset id, or a local folder/file")
+    text_column: str = "sentence"
+    label_column: str = "label"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    train_size: Optional[int] = Field(None, gt=0)
+    eval_size: Optional[int] = Field(None, gt=0)
+    max_length: int = Field(128, ge=2, le=8192)
+    num_labels: Optional[int] = Field(None, ge=2, description="inferred from the data if unset")
+    seed: int = 42
+
+
+class QuantConfig(_Strict):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: DType = "float32"
+
+
+class MethodConfig(AdapterSpec):
+    """One benchmarked method: an adapter spec plus what the pipeline needs around it."""
+
+    name: str = Field(..., min_length=1, pattern=r"^[\w.\-]+$")
+    quantization: Optional[QuantConfig] = None
+    lr: Optional[float] = Field(None, gt=0, description="overrides training.lr for this method")
+
+    @model_validator(mode="after")
+    def _quant_default(self):
+        if self.quantized and self.quantization is None:
+            object.__setattr__(self, "quantization", QuantConfig())
+        if not self.quantized and self.quantization is not None:
+            raise ValueError(f"quantization is only for qlora/qdora, not method {self.method!r}")
+        return self
+
+    def adapter_spec(self) -> AdapterSpec:
+        return AdapterSpec(**{k: getattr(self, k) for k in AdapterSpec.model_fields})
+
+
+class TrainingConfig(_Strict):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0, description="optimizer steps; wins over epochs")
+    batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    seed: int = 42
+    eval_every: Optional[int] = Field(None, gt=0, description="evaluate every N optimizer steps")
+    log_every: int = Field(1, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast on CUDA")
+    eval_batch_size: int = Field(64, gt=0)
+    num_threads: Optional[int] = Field(None, gt=0, description="torch CPU threads")
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "peft-bench"
+    artifact_location: Optional[str] = None
+    system_metrics: bool = True
+    system_metrics_interval_s: float = Field(5.0, gt=0)
+
+
+class ReportConfig(_Strict):
+    output_dir: Path = Path("reports")
+
+
+class BenchConfig(_Strict):
+    name: str = Field("benchmark", min_length=1)
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    methods: list[MethodConfig] = Field(..., min_length=1)
+    training: TrainingConfig = TrainingConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    report: ReportConfig = ReportConfig()
+    dispatch: Literal["local", "deployments"] = "local"
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [m.name for m in self.methods]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"methods: duplicate method names {dup}")
+        return self
+
+    def select(self, names: list[str]) -> "BenchConfig":
+        """Keep only the named methods (CLI `--methods`), refusing unknown names."""
+        known = [m.name for m in self.methods]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ConfigError(f"--methods: unknown method(s) {unknown}; the config has {known}")
+        return self.model_copy(update={"methods": [m for m in self.methods if m.name in names]})
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = node[int(key)]
+            continue
+        node = node.setdefault(key, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a section")
+    if isinstance(node, list):
+        node[int(keys[-1])] = value
+    else:
+        node[keys[-1]] = value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`key.sub=value` pairs; the value is parsed as YAML so numbers and lists keep their type."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        try:
+            _set_dotted(raw, key.strip(), yaml.safe_load(value))
+        except (ValueError, IndexError) as e:
+            raise ConfigError(f"--set {key}: {e}") from e
+    return raw
+
+
+def tracking_from_files(mlflow_yaml: Path | None) -> dict:
+    """mlflow.yaml supplies the tracking section; MLFLOW_* environment variables win."""
+    tracking: dict = {}
+    if mlflow_yaml is not None and mlflow_yaml.is_file():
+        tracking = yaml.safe_load(mlflow_yaml.read_text()) or {}
+    env = {
+        "MLFLOW_TRACKING_URI": "tracking_uri",
+        "MLFLOW_EXPERIMENT_NAME": "experiment",
+        "MLFLOW_ARTIFACT_LOCATION": "artifact_location",
+    }
+    for var, key in env.items():
+        if os.environ.get(var):
+            tracking[key] = os.environ[var]
+    return tracking
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def build_config(raw: dict, source: str = "config", overrides: list[str] = (),
+                 mlflow_yaml: Path | None = Path("mlflow.yaml")) -> BenchConfig:
+    raw = apply_overrides(dict(raw), list(overrides))
+    tracking = {**tracking_from_files(mlflow_yaml), **(raw.get("tracking") or {})}
+    # Environment variables beat both files.
+    tracking.update({k: v for k, v in tracking_from_files(None).items()})
+    raw["tracking"] = tracking
+    try:
+        return BenchConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = (),
+                mlflow_yaml: Path | None = Path("mlflow.yaml")) -> BenchConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return build_config(raw, str(path), overrides, mlflow_yaml)
+
+
+def looks_local(name_or_path: str) -> bool:
+    """A hub id is `org/name` or `name`; anything that exists, or starts like a path, is local."""
+    p = Path(name_or_path).expanduser()
+    return p.exists() or name_or_path.startswith((".", "/", "~")) or not HUB_ID.match(name_or_path)
