@@ -1,0 +1,11 @@
+"""Our LoRA, DoRA and QLoRA adapters: pure torch (bitsandbytes only in quant.py)."""
+from peft_modules.inject import (AdapterSummary, adapter_layers, count_params, find_targets,
+                                 inject_adapters, merge_adapters, merge_and_unload,
+                                 unmerge_adapters)
+from peft_modules.io import load_adapter, read_spec, save_adapter
+from peft_modules.lora import DoRALinear, LoRALinear
+from peft_modules.spec import AdapterSpec
+
+__all__ = ["AdapterSpec", "AdapterSummary", "DoRALinear", "LoRALinear", "adapter_layers",
+           "count_params", "find_targets", "inject_adapters", "load_adapter", "merge_adapters",
+           "merge_and_unload", "read_spec", "save_adapter", "unmerge_adapters"]
