@@ -94,6 +94,7 @@ class TrackingConfig(_Strict):
     artifact_location: Optional[str] = None
     system_metrics: bool = True
     system_metrics_interval_s: float = Field(5.0, gt=0)
+    log_weights: bool = Field(True, description="log adapter (or full) weights as artifacts")
 
 
 class ReportConfig(_Strict):

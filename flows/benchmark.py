@@ -1,0 +1,98 @@
+"""The benchmark flow: validate → prepare data once → one `finetune` child per method → report.
+
+Bad config or data fails here, before any model is loaded and before any MLflow run exists.
+A failing method is recorded FAILED and the others go on; the report shows it as failed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from transformers import AutoConfig
+
+from flows.finetune import finetune, prefect_tags
+from tasks import tracking
+from tasks.config import BenchConfig, ConfigError, build_config, load_config
+from tasks.data import DataSummary, prepare_dataset, validate_data
+from tasks.model import check_model_source, resolve_device
+from tasks.report import generate_report_task
+
+
+def resolve_config(config_path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                   config: Optional[dict] = None, methods: Optional[list[str]] = None) -> BenchConfig:
+    """The one way a flow gets its config: a YAML path, or a dict (a flow parameter), plus
+    `key=value` overrides and an optional method selection."""
+    if (config_path is None) == (config is None):
+        raise ConfigError("give exactly one of config_path or config")
+    if config_path is not None:
+        cfg = load_config(config_path, overrides or [])
+    else:
+        cfg = build_config(dict(config), "config parameter", overrides or [])
+    return cfg.select(methods) if methods else cfg
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def preflight(cfg: BenchConfig) -> DataSummary:
+    """Everything that can be checked without loading a model."""
+    resolve_device(cfg.training)
+    check_model_source(cfg.model)
+    return validate_data(cfg.data)
+
+
+def random_init(cfg: BenchConfig) -> bool:
+    mc = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+                                    trust_remote_code=cfg.model.trust_remote_code)
+    return bool(getattr(mc, "peft_bench_random_init", False))
+
+
+def start_parent_run(cfg: BenchConfig, data_digest: str, source: str) -> str:
+    params = {**tracking.flatten(cfg.model_dump(mode="json")),
+              **{f"versions.{k}": v for k, v in tracking.versions().items()}}
+    tags = {"peft_bench.role": "parent", "peft_bench.benchmark": cfg.name,
+            "peft_bench.random_init": str(random_init(cfg)).lower(),
+            "peft_bench.git_sha": tracking.git_sha(),
+            "peft_bench.device": str(resolve_device(cfg.training)),
+            "peft_bench.data_digest": data_digest, "peft_bench.data_source": source,
+            **prefect_tags()}
+    return tracking.create_run(cfg, tags, run_name=cfg.name, params=params)
+
+
+def run_local(cfg: BenchConfig, parent_run_id: str) -> dict[str, str]:
+    """Each method as an in-process child flow run, one after another."""
+    states = {}
+    for m in cfg.methods:
+        state = finetune(config=cfg.model_dump(mode="json"), method_name=m.name,
+                         parent_run_id=parent_run_id, return_state=True)
+        states[m.name] = state.type.value
+        if not state.is_completed():
+            get_run_logger().error("method %s failed: %s", m.name, state.message)
+    return states
+
+
+@flow(name="benchmark", log_prints=True)
+def benchmark(config_path: Optional[str] = None, overrides: Optional[list[str]] = None,
+              config: Optional[dict] = None, methods: Optional[list[str]] = None) -> dict[str, Any]:
+    cfg = resolve_config(config_path, overrides, config, methods)
+    summary = preflight(cfg)
+    data = prepare_dataset(cfg.data, cfg.model.name_or_path, cfg.model.revision)
+    parent = start_parent_run(cfg, data.digest, data.source)
+    logger = get_run_logger()
+    logger.info("MLflow parent run %s (%s)", parent, cfg.tracking.tracking_uri)
+    with tracking.closing_run(cfg.tracking, parent):
+        tracking.log_config(parent, cfg)
+        if cfg.dispatch == "deployments":
+            from flows.dispatch import run_deployments
+            states = run_deployments(cfg, parent)
+        else:
+            states = run_local(cfg, parent)
+        failed = sorted(n for n, s in states.items() if s != "COMPLETED")
+        tracking.set_tags(parent, cfg.tracking, {"peft_bench.failed_methods": ",".join(failed)})
+        report = generate_report_task(parent, cfg.tracking.tracking_uri, Path(cfg.report.output_dir))
+    logger.info("report: %s", report.html_path)
+    return {"parent_run_id": parent, "states": states, "failed": failed,
+            "report_html": str(report.html_path), "report_md": str(report.markdown_path),
+            "tracking_uri": cfg.tracking.tracking_uri, "train_rows": summary.train_rows,
+            "eval_rows": summary.eval_rows}
+

@@ -1,0 +1,132 @@
+"""The child flow: one method, load → inject → train → evaluate → log, in its own MLflow run.
+
+It takes only JSON-able parameters (the config as a dict, a method name, the parent run id), so
+the same flow runs in-process or as a deployment on another worker.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+import peft_modules as pm
+from tasks import tracking
+from tasks.config import BenchConfig, MethodConfig
+from tasks.data import PreparedData, prepare_dataset
+from tasks.evaluate import EvalResult, evaluate_task, plot_confusion
+from tasks.memory import PeakMemory
+from tasks.model import inject_adapter_task, load_model_task, resolve_device, saved_size_mb
+from tasks.train import TrainResult, train_task
+
+
+def prefect_tags() -> dict[str, str]:
+    tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_name": str(flow_run.name or "")}
+    if flow_run.ui_url:
+        tags["prefect.flow_run_url"] = flow_run.ui_url
+    return tags
+
+
+def get_method(cfg: BenchConfig, name: str) -> MethodConfig:
+    for m in cfg.methods:
+        if m.name == name:
+            return m
+    raise ValueError(f"method_name: {name!r} is not in the config's methods "
+                     f"{[m.name for m in cfg.methods]}")
+
+
+def start_child_run(cfg: BenchConfig, method: MethodConfig, parent_run_id: str,
+                    device: torch.device) -> str:
+    shared = cfg.model_dump(mode="json", exclude={"methods"})
+    params = {**tracking.flatten(shared),
+              **tracking.flatten(method.model_dump(mode="json"), "method."),
+              "method.effective_lr": str(method.lr or cfg.training.lr)}
+    tags = {"mlflow.parentRunId": parent_run_id, "peft_bench.role": "child",
+            "peft_bench.method": method.name, "peft_bench.method_kind": method.method,
+            "peft_bench.device": str(device), **prefect_tags()}
+    return tracking.create_run(cfg, tags, run_name=method.name, params=params)
+
+
+def log_eval(run_id: str, cfg: BenchConfig, ev: EvalResult, step: int) -> None:
+    m = ev.metrics
+    tracking.log_metrics(run_id, cfg.tracking, {
+        "eval/accuracy": m["accuracy"], "eval/f1_macro": m["f1_macro"],
+        "eval/precision": m["precision"], "eval/recall": m["recall"], "eval/loss": m["loss"],
+        "eval/samples_per_s": m["samples_per_s"]}, step)
+
+
+def train_and_measure(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_id: str,
+                      device: torch.device):
+    """Load, inject and train inside one peak-memory window (the method's own memory)."""
+    eval_fn = lambda step: log_eval(run_id, cfg, evaluate_task(  # noqa: E731
+        model, data.eval, data.num_labels, data.pad_token_id, str(device),
+        cfg.training.eval_batch_size, cfg.training.precision), step)
+    log_fn = lambda metrics, step: tracking.log_metrics(run_id, cfg.tracking, metrics, step)  # noqa: E731
+    with PeakMemory(device) as mem:
+        model = load_model_task(cfg.model, method, data.num_labels, data.pad_token_id, str(device))
+        with mem.excluded():  # writing a checkpoint to measure it is not the method's memory
+            model_size_mb = saved_size_mb(model)
+        summary = inject_adapter_task(model, method)
+        result = train_task(model, data.train, cfg.training, method.lr or cfg.training.lr,
+                            data.pad_token_id, str(device), log_fn, eval_fn)
+    return model, summary, result, mem.peak_mb, model_size_mb
+
+
+def log_outputs(run_id: str, cfg: BenchConfig, method: MethodConfig, model, ev: EvalResult,
+                out: Path) -> float:
+    """Artifacts: adapter (or full weights), predictions, confusion matrix, resolved config."""
+    adapter_dir = out / "adapter"
+    weights = pm.save_adapter(model, method.adapter_spec(), adapter_dir)
+    ev.predictions.to_csv(out / "predictions.csv", index=False)
+    plot_confusion(ev.confusion, out / "confusion_matrix.png", method.name)
+    for name in ("predictions.csv", "confusion_matrix.png"):
+        tracking.log_artifact(run_id, cfg.tracking, out / name)
+    tracking.log_config(run_id, cfg)
+    if cfg.tracking.log_weights:
+        tracking.log_artifact(run_id, cfg.tracking, adapter_dir, "adapter")
+    return weights.stat().st_size / 2**20
+
+
+def run_method(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_id: str,
+               device: torch.device) -> dict[str, float]:
+    torch.manual_seed(cfg.training.seed)
+    for role, df in (("train", data.train_df()), ("eval", data.eval_df())):
+        tracking.log_dataset(run_id, cfg.tracking, df, f"{cfg.name}-{role}", data.source, role)
+    model, summary, res, peak_mb, model_size_mb = train_and_measure(cfg, method, data, run_id, device)
+    ev = evaluate_task(model, data.eval, data.num_labels, data.pad_token_id, str(device),
+                       cfg.training.eval_batch_size, cfg.training.precision, data.eval_texts)
+    log_eval(run_id, cfg, ev, res.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_mb = log_outputs(run_id, cfg, method, model, ev, Path(tmp))
+    summary_metrics = summary_of(res, summary, ev, peak_mb, model_size_mb, adapter_mb)
+    tracking.log_metrics(run_id, cfg.tracking, summary_metrics, res.steps)
+    return summary_metrics
+
+
+def summary_of(res: TrainResult, summary: pm.AdapterSummary, ev: EvalResult, peak_mb: float,
+               model_size_mb: float, adapter_mb: float) -> dict[str, float]:
+    return {"train_time_s": res.train_time_s, "samples_per_s": res.samples_per_s,
+            "tokens_per_s": res.tokens_per_s, "train_steps": res.steps,
+            "peak_memory_mb": peak_mb, "trainable_params": summary.trainable_params,
+            "total_params": summary.total_params, "trainable_pct": summary.trainable_pct,
+            "model_size_mb": model_size_mb, "adapter_size_mb": adapter_mb,
+            "eval_time_s": ev.metrics["eval_time_s"],
+            "eval_samples_per_s": ev.metrics["samples_per_s"],
+            "accuracy": ev.metrics["accuracy"]}
+
+
+@flow(name="finetune", log_prints=True)
+def finetune(config: dict, method_name: str, parent_run_id: str) -> dict[str, float]:
+    """Fine-tune and evaluate one method; its MLflow run ends FINISHED or FAILED."""
+    cfg = BenchConfig.model_validate(config)
+    method = get_method(cfg, method_name)
+    device = resolve_device(cfg.training)
+    if cfg.training.num_threads:
+        torch.set_num_threads(cfg.training.num_threads)
+    data = prepare_dataset(cfg.data, cfg.model.name_or_path, cfg.model.revision)
+    run_id = start_child_run(cfg, method, parent_run_id, device)
+    get_run_logger().info("method %s: MLflow run %s", method.name, run_id)
+    with tracking.closing_run(cfg.tracking, run_id, system_metrics=True):
+        return run_method(cfg, method, data, run_id, device)

@@ -1,0 +1,153 @@
+"""MLflow bookkeeping with explicit run ids.
+
+Everything goes through MlflowClient and a run id, never through mlflow's thread-local "active
+run": Prefect runs tasks in worker threads (and, with deployments, in other processes), where
+the active run is not visible. Every run this module opens is closed FINISHED or FAILED.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata as md
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.time import get_current_time_millis
+
+from tasks.config import BenchConfig, TrackingConfig
+
+PACKAGES = ("torch", "transformers", "peft-bench", "bitsandbytes", "prefect", "mlflow",
+            "tokenizers", "datasets")
+MAX_PARAM = 6000  # MLflow's limit on a param value
+
+
+def client(tracking: TrackingConfig) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking.tracking_uri)
+
+
+def experiment_id(tracking: TrackingConfig) -> str:
+    c = client(tracking)
+    exp = c.get_experiment_by_name(tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(tracking.experiment, artifact_location=tracking.artifact_location)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """{'training': {'lr': 1e-4}} -> {'training.lr': '0.0001'}; lists of models by name/index."""
+    out: dict[str, str] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(tree, list) and tree and all(isinstance(x, dict) for x in tree):
+        for i, v in enumerate(tree):
+            out.update(flatten(v, f"{prefix}{v.get('name', i)}."))
+    else:
+        out[prefix[:-1]] = str(tree)[:MAX_PARAM]
+    return out
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in PACKAGES:
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    return out
+
+
+def git_sha() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def log_params(run_id: str, tracking: TrackingConfig, params: dict[str, str]) -> None:
+    c, items = client(tracking), [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # log_batch takes at most 100 params a call
+        c.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_metrics(run_id: str, tracking: TrackingConfig, metrics: dict[str, float],
+                step: int = 0) -> None:
+    now = get_current_time_millis()
+    client(tracking).log_batch(run_id, metrics=[Metric(k, float(v), now, step)
+                                                for k, v in metrics.items()])
+
+
+def create_run(cfg: BenchConfig, tags: dict[str, str], run_name: str,
+               params: dict[str, str]) -> str:
+    c = client(cfg.tracking)
+    run = c.create_run(experiment_id(cfg.tracking), run_name=run_name,
+                       tags={k: str(v) for k, v in tags.items()})
+    log_params(run.info.run_id, cfg.tracking, params)
+    return run.info.run_id
+
+
+def end_run(tracking: TrackingConfig, run_id: str, error: Optional[BaseException] = None) -> None:
+    c = client(tracking)
+    if error is not None:
+        c.set_tag(run_id, "peft_bench.error", f"{type(error).__name__}: {error}"[:5000])
+    c.set_terminated(run_id, "FAILED" if error is not None else "FINISHED")
+
+
+@contextlib.contextmanager
+def closing_run(tracking: TrackingConfig, run_id: str, system_metrics: bool = False) -> Iterator[str]:
+    """Ends the run FINISHED, or FAILED with the error as a tag, whatever happens inside
+    (KeyboardInterrupt included), after stopping its system-metrics sampler."""
+    monitor = None
+    if system_metrics and tracking.system_metrics:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=tracking.system_metrics_interval_s,
+                                       tracking_uri=tracking.tracking_uri)
+        monitor.start()
+    error: Optional[BaseException] = None
+    try:
+        yield run_id
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        if monitor is not None:
+            monitor.finish()
+        end_run(tracking, run_id, error)
+
+
+def set_tags(run_id: str, tracking: TrackingConfig, tags: dict[str, str]) -> None:
+    client(tracking).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_artifact(run_id: str, tracking: TrackingConfig, path: Path,
+                 artifact_path: Optional[str] = None) -> None:
+    c = client(tracking)
+    if Path(path).is_dir():
+        c.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        c.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_dataset(run_id: str, tracking: TrackingConfig, df, name: str, source: str,
+                context: str) -> str:
+    """Dataset lineage (mlflow.data), with the digest MLflow computes over the rows."""
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+
+    ds = mlflow.data.from_pandas(df, source=source, name=name, targets="label")
+    entity = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+    client(tracking).log_inputs(run_id, datasets=[entity])
+    return ds.digest
+
+
+def log_config(run_id: str, cfg: BenchConfig) -> None:
+    """The resolved config (defaults, mlflow.yaml and overrides applied) as config.yaml."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        log_artifact(run_id, cfg.tracking, path)
