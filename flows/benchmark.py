@@ -38,7 +38,23 @@ def preflight(cfg: BenchConfig) -> DataSummary:
     """Everything that can be checked without loading a model."""
     resolve_device(cfg.training)
     check_model_source(cfg.model)
-    return validate_data(cfg.data)
+    summary = validate_data(cfg.data)
+    tracking.check_reachable(cfg.tracking)
+    if cfg.dispatch == "deployments":
+        from flows.dispatch import check_deployment
+        check_deployment(cfg)
+    return summary
+
+
+def ensure_gpu_limit(cfg: BenchConfig) -> None:
+    """Create (or resize) the global concurrency limit the finetune runs take a slot of."""
+    if not cfg.concurrency.slot:
+        return
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(cfg.concurrency.slot,
+                                                        cfg.concurrency.limit)
 
 
 def random_init(cfg: BenchConfig) -> bool:
@@ -82,6 +98,7 @@ def benchmark(config_path: Optional[str] = None, overrides: Optional[list[str]] 
     logger.info("MLflow parent run %s (%s)", parent, cfg.tracking.tracking_uri)
     with tracking.closing_run(cfg.tracking, parent):
         tracking.log_config(parent, cfg)
+        ensure_gpu_limit(cfg)
         if cfg.dispatch == "deployments":
             from flows.dispatch import run_deployments
             states = run_deployments(cfg, parent)

@@ -5,11 +5,15 @@ the same flow runs in-process or as a deployment on another worker.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import tempfile
 from pathlib import Path
 
 import torch
 from prefect import flow, get_run_logger
+from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
 import peft_modules as pm
@@ -23,7 +27,11 @@ from tasks.train import TrainResult, train_task
 
 
 def prefect_tags() -> dict[str, str]:
-    tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_name": str(flow_run.name or "")}
+    tags = {"prefect.flow_run_id": str(flow_run.id or ""),
+            "prefect.flow_run_name": str(flow_run.name or ""),
+            # Which worker ran it: set by `peft-bench stack` workers, else this host and PID.
+            "peft_bench.worker": os.environ.get("PEFT_BENCH_WORKER",
+                                                f"{socket.gethostname()}:{os.getpid()}")}
     if flow_run.ui_url:
         tags["prefect.flow_run_url"] = flow_run.ui_url
     return tags
@@ -112,12 +120,27 @@ def summary_of(res: TrainResult, summary: pm.AdapterSummary, ev: EvalResult, pea
             "peak_memory_mb": peak_mb, "trainable_params": summary.trainable_params,
             "total_params": summary.total_params, "trainable_pct": summary.trainable_pct,
             "model_size_mb": model_size_mb, "adapter_size_mb": adapter_mb,
-            "eval_time_s": ev.metrics["eval_time_s"],
+            "eval_time_s": ev.metrics["eval_time_s"], "periodic_eval_time_s": res.periodic_eval_s,
             "eval_samples_per_s": ev.metrics["samples_per_s"],
             "accuracy": ev.metrics["accuracy"]}
 
 
-@flow(name="finetune", log_prints=True)
+def gpu_slot(cfg: BenchConfig):
+    """Hold one slot of the Prefect global concurrency limit (default `gpu`) while training."""
+    if not cfg.concurrency.slot:
+        return contextlib.nullcontext()
+    return concurrency(cfg.concurrency.slot, occupy=1)
+
+
+def fail_mlflow_run(flow, run, state) -> None:
+    """on_crashed/on_cancellation hook: a crashed flow run (worker killed, SIGTERM) must not
+    leave its MLflow run RUNNING."""
+    cfg = BenchConfig.model_validate(run.parameters["config"])
+    tracking.fail_open_runs(cfg.tracking, str(run.id), f"flow run {state.name}: {state.message}")
+
+
+@flow(name="finetune", log_prints=True, on_crashed=[fail_mlflow_run],
+      on_cancellation=[fail_mlflow_run])
 def finetune(config: dict, method_name: str, parent_run_id: str) -> dict[str, float]:
     """Fine-tune and evaluate one method; its MLflow run ends FINISHED or FAILED."""
     cfg = BenchConfig.model_validate(config)
@@ -125,8 +148,10 @@ def finetune(config: dict, method_name: str, parent_run_id: str) -> dict[str, fl
     device = resolve_device(cfg.training)
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
+    tracking.check_reachable(cfg.tracking)
     data = prepare_dataset(cfg.data, cfg.model.name_or_path, cfg.model.revision)
-    run_id = start_child_run(cfg, method, parent_run_id, device)
-    get_run_logger().info("method %s: MLflow run %s", method.name, run_id)
-    with tracking.closing_run(cfg.tracking, run_id, system_metrics=True):
-        return run_method(cfg, method, data, run_id, device)
+    with gpu_slot(cfg):  # waiting for the GPU is not part of the method's run
+        run_id = start_child_run(cfg, method, parent_run_id, device)
+        get_run_logger().info("method %s: MLflow run %s", method.name, run_id)
+        with tracking.closing_run(cfg.tracking, run_id, system_metrics=True):
+            return run_method(cfg, method, data, run_id, device)

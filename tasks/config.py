@@ -97,6 +97,14 @@ class TrackingConfig(_Strict):
     log_weights: bool = Field(True, description="log adapter (or full) weights as artifacts")
 
 
+class ConcurrencyConfig(_Strict):
+    """A Prefect global concurrency limit taken while a method loads, trains and evaluates, so
+    one worker host never runs two methods on one GPU at once."""
+
+    slot: Optional[str] = Field("gpu", description="limit name; null disables it")
+    limit: int = Field(1, gt=0, description="slots the benchmark creates the limit with")
+
+
 class ReportConfig(_Strict):
     output_dir: Path = Path("reports")
 
@@ -110,6 +118,9 @@ class BenchConfig(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     report: ReportConfig = ReportConfig()
     dispatch: Literal["local", "deployments"] = "local"
+    finetune_deployment: str = Field("finetune/finetune",
+                                     description="deployment the `deployments` dispatch runs")
+    concurrency: ConcurrencyConfig = ConcurrencyConfig()
 
     @model_validator(mode="after")
     def _unique_names(self):

@@ -151,3 +151,41 @@ def log_config(run_id: str, cfg: BenchConfig) -> None:
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         log_artifact(run_id, cfg.tracking, path)
+
+
+def check_reachable(tracking: TrackingConfig, timeout_s: float = 20.0) -> None:
+    """Fail fast on an MLflow server that does not answer: MLflow's own client retries for
+    minutes before giving up. Local stores (sqlite, files) need no check."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    uri = tracking.tracking_uri
+    if not uri.startswith(("http://", "https://")):
+        return
+    deadline, last = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+                last = f"HTTP {r.status}"
+        except (urllib.error.URLError, OSError) as e:
+            last = str(getattr(e, "reason", e))
+        time.sleep(1)
+    raise ConnectionError(f"tracking.tracking_uri: MLflow server {uri} is unreachable "
+                          f"({last}); start it or fix MLFLOW_TRACKING_URI")
+
+
+def fail_open_runs(tracking: TrackingConfig, flow_run_id: str, why: str) -> list[str]:
+    """Close as FAILED every RUNNING MLflow run a (crashed) Prefect flow run left behind."""
+    c = client(tracking)
+    exp = c.get_experiment_by_name(tracking.experiment)
+    if exp is None:
+        return []
+    runs = c.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}' "
+                                              "and attributes.status = 'RUNNING'")
+    for run in runs:
+        c.set_tag(run.info.run_id, "peft_bench.error", why[:5000])
+        c.set_terminated(run.info.run_id, "FAILED")
+    return [r.info.run_id for r in runs]

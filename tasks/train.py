@@ -31,6 +31,7 @@ class TrainResult:
     samples: int
     tokens: int  # non-padding tokens seen
     losses: list[float] = field(default_factory=list)
+    periodic_eval_s: float = 0.0  # time spent in evaluate() calls, left out of train_time_s
 
     @property
     def samples_per_s(self) -> float:
@@ -116,6 +117,7 @@ def train_model(model: nn.Module, train: SplitData, cfg: TrainingConfig, lr: flo
             pause = time.perf_counter()
             evaluate(step)
             model.train()
+            res.periodic_eval_s += time.perf_counter() - pause
             t0 += time.perf_counter() - pause
     if device.type == "cuda":
         torch.cuda.synchronize(device)
