@@ -1,6 +1,9 @@
 """Every `peft-bench` command through typer's CLI runner."""
 from __future__ import annotations
 
+import logging
+import sys
+
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -9,6 +12,23 @@ from typer.testing import CliRunner
 from flows.cli import app
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _reopen_log_streams():
+    """CliRunner swaps sys.stderr for a buffer it closes afterwards; logging handlers created
+    during an invoke (Prefect's console handler) keep that closed buffer. Point them back at
+    the real stderr so the next command's log lines do not fail."""
+    yield
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for lg in loggers:
+        for h in lg.handlers:
+            if isinstance(h, logging.StreamHandler) and getattr(h.stream, "closed", False):
+                h.stream = sys.__stderr__  # setStream would flush the closed one
+            console = getattr(h, "console", None)  # Prefect's handler prints through rich
+            if console is not None and getattr(console.file, "closed", False):
+                console.file = sys.__stderr__
 
 
 @pytest.mark.parametrize("args", [[], ["run"], ["compare"], ["report"], ["make-tiny-model"],
