@@ -39,6 +39,8 @@ class DataConfig(_Strict):
     eval_split: str = "validation"
     train_size: Optional[int] = Field(None, gt=0)
     eval_size: Optional[int] = Field(None, gt=0)
+    subset: Literal["random", "first"] = Field(
+        "random", description="how train_size/eval_size pick rows: a seeded sample or the first")
     max_length: int = Field(128, ge=2, le=8192)
     num_labels: Optional[int] = Field(None, ge=2, description="inferred from the data if unset")
     seed: int = 42

@@ -266,11 +266,14 @@ def _check_range(frame: pd.DataFrame, where: str, column: str, num_labels: int, 
                         f"{bad['label'].iloc[0]} is outside [0, {num_labels}) ({why})")
 
 
-def _subset(frame: pd.DataFrame, size: Optional[int], seed: int, split: str) -> pd.DataFrame:
+def _subset(frame: pd.DataFrame, size: Optional[int], seed: int, split: str,
+            how: str = "random") -> pd.DataFrame:
     # Rank rows by a hash of (seed, split, position): stable across runs, platforms and library
     # versions (unlike an RNG stream), and a larger size always extends a smaller selection.
     if size is None or size >= len(frame):
         return frame
+    if how == "first":  # the first rows in file order, as some published setups use
+        return frame.iloc[:size]
     def rank(i: int) -> bytes:
         return hashlib.blake2b(f"{seed}:{split}:{i}".encode(), digest_size=8).digest()
     chosen = sorted(sorted(range(len(frame)), key=rank)[:size])  # keep file order
@@ -307,7 +310,7 @@ def _load(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], DataSummary]:
     for role, frame in full.items():
         _check_range(frame, tables[roles[role]].where, cfg.label_column, num_labels, why)
     sizes = {"train": cfg.train_size, "eval": cfg.eval_size}
-    frames = {role: _subset(full[role], sizes[role], cfg.seed, roles[role]) for role in roles}
+    frames = {role: _subset(full[role], sizes[role], cfg.seed, roles[role], cfg.subset) for role in roles}
     counts = {role: {k: int((f["label"] == k).sum()) for k in range(num_labels)}
               for role, f in frames.items()}
     summary = DataSummary(

@@ -30,6 +30,7 @@ def test_seed_config_is_the_write_up_setup_with_one_optimiser():
     cfg = load_config(ROOT / "configs" / "sst2-gpt2-large-seed.yaml", mlflow_yaml=None)
     assert cfg.model.name_or_path == "openai-community/gpt2-large"
     assert (cfg.data.train_size, cfg.data.max_length, cfg.training.batch_size) == (15000, 32, 32)
+    assert cfg.data.subset == "first"
     assert cfg.training.epochs == 5 and all(m.lr is None for m in cfg.methods)
     assert {(m.rank, m.alpha) for m in cfg.methods if m.method != "full"} == {(4, 4.0)}
 
@@ -141,3 +142,13 @@ def test_peak_memory_isolation():
             y = torch.ones(128 * 2**20 // 4)
             del y
     assert pm.peak_mb < 20
+
+
+def test_subset_first_takes_the_first_rows(sst2_dir):
+    from tasks.config import DataConfig
+    from tasks.data import load_splits
+
+    first = load_splits(DataConfig(source=str(sst2_dir), train_size=5, subset="first"))["train"]
+    head = [ln.split("\t")[0] for ln in
+            (sst2_dir / "train.tsv").read_text(encoding="utf-8").splitlines()[1:6]]
+    assert first["text"].tolist() == head
