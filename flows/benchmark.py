@@ -87,7 +87,26 @@ def run_local(cfg: BenchConfig, parent_run_id: str) -> dict[str, str]:
     return states
 
 
-@flow(name="benchmark", log_prints=True)
+def fail_mlflow_runs(flow, flow_run, state) -> None:
+    """on_crashed/on_cancellation hook: a benchmark whose process was killed (OOM killer,
+    `kill -9`, cancellation) must not leave its MLflow runs RUNNING: its parent run and, with
+    `dispatch: local`, the child run of the method it was training. The worker runs it, with
+    keyword arguments, when the flow-run process is gone."""
+    p = flow_run.parameters
+    cfg = resolve_config(p.get("config_path"), p.get("overrides"), p.get("config"),
+                         p.get("methods"))
+    why = f"flow run {state.name}: {state.message}"
+    client = tracking.client(cfg.tracking)
+    for parent in tracking.fail_open_runs(cfg.tracking, str(flow_run.id), why):
+        for run in client.search_runs([client.get_run(parent).info.experiment_id],
+                                      f"tags.mlflow.parentRunId = '{parent}' "
+                                      "and attributes.status = 'RUNNING'"):
+            client.set_tag(run.info.run_id, "peft_bench.error", why[:5000])
+            client.set_terminated(run.info.run_id, "FAILED")
+
+
+@flow(name="benchmark", log_prints=True, on_crashed=[fail_mlflow_runs],
+      on_cancellation=[fail_mlflow_runs])
 def benchmark(config_path: Optional[str] = None, overrides: Optional[list[str]] = None,
               config: Optional[dict] = None, methods: Optional[list[str]] = None) -> dict[str, Any]:
     cfg = resolve_config(config_path, overrides, config, methods)

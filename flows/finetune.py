@@ -65,18 +65,28 @@ def log_eval(run_id: str, cfg: BenchConfig, ev: EvalResult, step: int) -> None:
         "eval/samples_per_s": m["samples_per_s"]}, step)
 
 
+def evaluate(cfg: BenchConfig, model, data: PreparedData, device: torch.device,
+             with_texts: bool = False) -> EvalResult:
+    return evaluate_task(model, data.eval, data.num_labels, data.pad_token_id, str(device),
+                         cfg.training.eval_batch_size, cfg.training.precision,
+                         data.eval_texts if with_texts else None)
+
+
 def train_and_measure(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_id: str,
                       device: torch.device):
     """Load, inject and train inside one peak-memory window (the method's own memory)."""
-    eval_fn = lambda step: log_eval(run_id, cfg, evaluate_task(  # noqa: E731
-        model, data.eval, data.num_labels, data.pad_token_id, str(device),
-        cfg.training.eval_batch_size, cfg.training.precision), step)
-    log_fn = lambda metrics, step: tracking.log_metrics(run_id, cfg.tracking, metrics, step)  # noqa: E731
     with PeakMemory(device) as mem:
         model = load_model_task(cfg.model, method, data.num_labels, data.pad_token_id, str(device))
         with mem.excluded():  # writing a checkpoint to measure it is not the method's memory
             model_size_mb = saved_size_mb(model)
         summary = inject_adapter_task(model, method)
+
+        def log_fn(metrics: dict[str, float], step: int) -> None:
+            tracking.log_metrics(run_id, cfg.tracking, metrics, step)
+
+        def eval_fn(step: int) -> None:
+            log_eval(run_id, cfg, evaluate(cfg, model, data, device), step)
+
         result = train_task(model, data.train, cfg.training, method.lr or cfg.training.lr,
                             data.pad_token_id, str(device), log_fn, eval_fn)
     return model, summary, result, mem.peak_mb, model_size_mb
@@ -103,8 +113,7 @@ def run_method(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_i
     for role, df in (("train", data.train_df()), ("eval", data.eval_df())):
         tracking.log_dataset(run_id, cfg.tracking, df, f"{cfg.name}-{role}", data.source, role)
     model, summary, res, peak_mb, model_size_mb = train_and_measure(cfg, method, data, run_id, device)
-    ev = evaluate_task(model, data.eval, data.num_labels, data.pad_token_id, str(device),
-                       cfg.training.eval_batch_size, cfg.training.precision, data.eval_texts)
+    ev = evaluate(cfg, model, data, device, with_texts=True)
     log_eval(run_id, cfg, ev, res.steps)
     with tempfile.TemporaryDirectory() as tmp:
         adapter_mb = log_outputs(run_id, cfg, method, model, ev, Path(tmp))
@@ -125,18 +134,26 @@ def summary_of(res: TrainResult, summary: pm.AdapterSummary, ev: EvalResult, pea
             "accuracy": ev.metrics["accuracy"]}
 
 
+# The slot is leased: the holder renews it every 45 s; if the holder dies (worker killed),
+# the server takes the slot back once the lease runs out. Prefect's default lease is 300 s;
+# 60 s is its minimum, so a crashed run blocks the next one for about a minute, not five.
+SLOT_LEASE_S = 60
+
+
 def gpu_slot(cfg: BenchConfig):
     """Hold one slot of the Prefect global concurrency limit (default `gpu`) while training."""
     if not cfg.concurrency.slot:
         return contextlib.nullcontext()
-    return concurrency(cfg.concurrency.slot, occupy=1)
+    return concurrency(cfg.concurrency.slot, occupy=1, lease_duration=SLOT_LEASE_S)
 
 
-def fail_mlflow_run(flow, run, state) -> None:
+def fail_mlflow_run(flow, flow_run, state) -> None:
     """on_crashed/on_cancellation hook: a crashed flow run (worker killed, SIGTERM) must not
-    leave its MLflow run RUNNING."""
-    cfg = BenchConfig.model_validate(run.parameters["config"])
-    tracking.fail_open_runs(cfg.tracking, str(run.id), f"flow run {state.name}: {state.message}")
+    leave its MLflow run RUNNING. The parameter names matter: when the flow-run process was
+    killed, the worker runs the hook and passes `flow=`, `flow_run=`, `state=` by keyword."""
+    cfg = BenchConfig.model_validate(flow_run.parameters["config"])
+    tracking.fail_open_runs(cfg.tracking, str(flow_run.id),
+                            f"flow run {state.name}: {state.message}")
 
 
 @flow(name="finetune", log_prints=True, on_crashed=[fail_mlflow_run],

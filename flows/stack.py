@@ -214,6 +214,40 @@ def create_work_pool(stack_dir: Path, api_url: str, name: str = DEFAULT_POOL,
     return True
 
 
+ZOMBIE_AUTOMATION = REPO_ROOT / "deploy" / "crash-zombie-flow-runs.yaml"
+
+
+def automation_exists(api_url: str, name: str) -> bool:
+    r = httpx.post(f"{api_url}/automations/filter",
+                   json={"automations": {"name": {"any_": [name]}}}, timeout=10)
+    r.raise_for_status()
+    return any(a["name"] == name for a in r.json())
+
+
+def create_zombie_automation(api_url: str, path: Path = ZOMBIE_AUTOMATION,
+                             within_s: float | None = None) -> bool:
+    """As `prefect automation create --from-file deploy/crash-zombie-flow-runs.yaml`: flow runs
+    that stop sending heartbeats (their worker or host died) are marked CRASHED by the server.
+    A no-op if an automation of that name exists; True if created. `within_s` replaces the
+    file's `within` (tests use a shorter one)."""
+    import yaml
+
+    spec = yaml.safe_load(Path(path).read_text())
+    if within_s is not None:
+        spec["trigger"]["within"] = within_s
+    if automation_exists(api_url, spec["name"]):
+        return False
+    from prefect.events.schemas.automations import AutomationCore
+
+    # What `prefect automation create --from-file` does, without a second Python process.
+    body = AutomationCore.model_validate(spec).model_dump(mode="json")
+    r = httpx.post(f"{api_url}/automations/", json=body, timeout=10)
+    if r.status_code >= 300:
+        raise StackError(f"creating automation {spec['name']!r} from {path} failed: "
+                         f"HTTP {r.status_code} {r.text[:500]}")
+    return True
+
+
 def prefect_cli(stack_dir: Path, *args: str, api_url: str | None = None,
                 timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `prefect ARGS` against this stack (its API, its PREFECT_HOME) from the repo root."""
@@ -233,18 +267,26 @@ def worker_registered(api_url: str, pool: str, worker_name: str, since: float = 
 
 
 def start_worker(stack_dir: Path, api_url: str, pool: str = DEFAULT_POOL, index: int = 1,
-                 mlflow_url: str | None = None, timeout: float = 90) -> Proc:
-    """`prefect worker start --pool POOL`; returns once the worker has registered with it."""
+                 mlflow_url: str | None = None, timeout: float = 90, limit: int | None = None,
+                 env: dict[str, str] | None = None) -> Proc:
+    """`prefect worker start --pool POOL`; returns once the worker has registered with it.
+
+    `limit`: at most that many flow runs at once on this worker (`--limit`), so that several
+    workers of one pool share the runs instead of the first poller taking them all.
+    `env`: extra environment for the worker and, through it, its flow runs (a deployment's
+    `job_variables.env` still wins for the keys it sets)."""
     name = f"worker-{index}"
     worker_name = f"peft-bench-{name}"
-    env = prefect_env(stack_dir, api_url)
-    env.setdefault("PEFT_BENCH_HOME", str(REPO_ROOT))
-    env["PEFT_BENCH_WORKER"] = worker_name  # flow runs inherit it: MLflow tags who ran what
+    full_env = prefect_env(stack_dir, api_url)
+    full_env.setdefault("PEFT_BENCH_HOME", str(REPO_ROOT))
+    full_env["PEFT_BENCH_WORKER"] = worker_name  # flow runs inherit it: MLflow tags who ran what
     if mlflow_url:
-        env["MLFLOW_TRACKING_URI"] = mlflow_url
+        full_env["MLFLOW_TRACKING_URI"] = mlflow_url
+    full_env.update(env or {})
     argv = [_exe("prefect"), "worker", "start", "--pool", pool, "--name", worker_name,
             "--type", "process", "--no-create-pool-if-not-found"]
-    proc = spawn(stack_dir, name, argv, env)
+    argv += ["--limit", str(limit)] if limit else []
+    proc = spawn(stack_dir, name, argv, full_env)
     wait_until(proc, lambda: worker_registered(api_url, pool, worker_name, proc.create_time),
                "registered", timeout)
     return proc
@@ -314,6 +356,11 @@ def stack_up(stack_dir: Path = DEFAULT_DIR, prefect_port: int = 4200, mlflow_por
         created = create_work_pool(stack_dir, api, pool)
         timings["work_pool_s"] = round(time.monotonic() - t, 1)
         echo(f"work pool       {pool} ({'created' if created else 'exists'}, {timings['work_pool_s']}s)")
+        t = time.monotonic()
+        created = create_zombie_automation(api)
+        timings["automation_s"] = round(time.monotonic() - t, 1)
+        echo(f"automation      crash-zombie-flow-runs ({'created' if created else 'exists'}, "
+             f"{timings['automation_s']}s)")
         for i in range(1, workers + 1):
             t = time.monotonic()
             w = start_worker(stack_dir, api, pool, i, ml.url, timeout)
