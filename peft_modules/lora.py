@@ -149,6 +149,7 @@ class DoRALinear(LoRALinear):
             w0 = base_weight(base).float()
             sq = (w0 * w0).sum(dim=1)  # ‖W0‖² per output feature, constant while W0 is frozen
         self.register_buffer("w0_sq_norm", sq, persistent=False)
+        self._merged_norm: Optional[torch.Tensor] = None  # ‖W0 + sBA‖ kept while merged
         # §4.1: m is initialised to ‖W0‖_c, so that W' = W0 at the start.
         self.magnitude = nn.Parameter(sq.sqrt().to(self.lora_a.weight.dtype))
 

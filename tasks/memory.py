@@ -71,14 +71,6 @@ class PeakMemory:
         peak = max(self._carry, self._peak_so_far())
         self.peak_mb = max(peak - self._start, 0) / 2**20
 
-    @staticmethod
-    def now_mb(device: str | torch.device = "cpu") -> float:
-        device = torch.device(device)
-        if device.type == "cuda":
-            return torch.cuda.memory_allocated(device) / 2**20
-        return psutil.Process().memory_info().rss / 2**20
-
-
 
 def _trim() -> None:
     """glibc keeps freed small blocks in its heap; malloc_trim returns them to the OS so RSS
