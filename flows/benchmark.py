@@ -96,13 +96,8 @@ def fail_mlflow_runs(flow, flow_run, state) -> None:
     cfg = resolve_config(p.get("config_path"), p.get("overrides"), p.get("config"),
                          p.get("methods"))
     why = f"flow run {state.name}: {state.message}"
-    client = tracking.client(cfg.tracking)
     for parent in tracking.fail_open_runs(cfg.tracking, str(flow_run.id), why):
-        for run in client.search_runs([client.get_run(parent).info.experiment_id],
-                                      f"tags.mlflow.parentRunId = '{parent}' "
-                                      "and attributes.status = 'RUNNING'"):
-            client.set_tag(run.info.run_id, "peft_bench.error", why[:5000])
-            client.set_terminated(run.info.run_id, "FAILED")
+        tracking.fail_open_children(cfg.tracking, parent, why)
 
 
 @flow(name="benchmark", log_prints=True, on_crashed=[fail_mlflow_runs],

@@ -199,7 +199,7 @@ def build_config(raw: dict, source: str = "config", overrides: list[str] = (),
     raw = apply_overrides(dict(raw), list(overrides))
     tracking = {**tracking_from_files(mlflow_yaml), **(raw.get("tracking") or {})}
     # Environment variables beat both files.
-    tracking.update({k: v for k, v in tracking_from_files(None).items()})
+    tracking.update(tracking_from_files(None))
     raw["tracking"] = tracking
     try:
         return BenchConfig.model_validate(raw)

@@ -91,11 +91,18 @@ def create_run(cfg: BenchConfig, tags: dict[str, str], run_name: str,
     return run.info.run_id
 
 
-def end_run(tracking: TrackingConfig, run_id: str, error: Optional[BaseException] = None) -> None:
+def fail_run(tracking: TrackingConfig, run_id: str, why: str) -> None:
+    """End a run FAILED, with the reason in the `peft_bench.error` tag."""
     c = client(tracking)
+    c.set_tag(run_id, "peft_bench.error", why[:5000])
+    c.set_terminated(run_id, "FAILED")
+
+
+def end_run(tracking: TrackingConfig, run_id: str, error: Optional[BaseException] = None) -> None:
     if error is not None:
-        c.set_tag(run_id, "peft_bench.error", f"{type(error).__name__}: {error}"[:5000])
-    c.set_terminated(run_id, "FAILED" if error is not None else "FINISHED")
+        fail_run(tracking, run_id, f"{type(error).__name__}: {error}")
+    else:
+        client(tracking).set_terminated(run_id, "FINISHED")
 
 
 @contextlib.contextmanager
@@ -177,15 +184,23 @@ def check_reachable(tracking: TrackingConfig, timeout_s: float = 20.0) -> None:
                           f"({last}); start it or fix MLFLOW_TRACKING_URI")
 
 
-def fail_open_runs(tracking: TrackingConfig, flow_run_id: str, why: str) -> list[str]:
-    """Close as FAILED every RUNNING MLflow run a (crashed) Prefect flow run left behind."""
+def _fail_open(tracking: TrackingConfig, where: str, why: str) -> list[str]:
+    """Close as FAILED every RUNNING run of the experiment that matches `where`."""
     c = client(tracking)
     exp = c.get_experiment_by_name(tracking.experiment)
     if exp is None:
         return []
-    runs = c.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}' "
-                                              "and attributes.status = 'RUNNING'")
+    runs = c.search_runs([exp.experiment_id], f"{where} and attributes.status = 'RUNNING'")
     for run in runs:
-        c.set_tag(run.info.run_id, "peft_bench.error", why[:5000])
-        c.set_terminated(run.info.run_id, "FAILED")
+        fail_run(tracking, run.info.run_id, why)
     return [r.info.run_id for r in runs]
+
+
+def fail_open_runs(tracking: TrackingConfig, flow_run_id: str, why: str) -> list[str]:
+    """Close as FAILED every RUNNING MLflow run a (crashed) Prefect flow run left behind."""
+    return _fail_open(tracking, f"tags.`prefect.flow_run_id` = '{flow_run_id}'", why)
+
+
+def fail_open_children(tracking: TrackingConfig, parent_run_id: str, why: str) -> list[str]:
+    """Close as FAILED the RUNNING child runs of a parent run."""
+    return _fail_open(tracking, f"tags.mlflow.parentRunId = '{parent_run_id}'", why)
