@@ -2,27 +2,66 @@
 from __future__ import annotations
 
 import torch
+from peft_modules.lora import LoRALinear, base_weight
 from peft_modules.quant import keep_layout
+from torch import nn
 from transformers import (AutoModelForSequenceClassification, BitsAndBytesConfig, GPT2Config,
                           GPT2ForSequenceClassification, LlamaConfig,
                           LlamaForSequenceClassification)
+from transformers.pytorch_utils import Conv1D
 
 VOCAB = 100
 
 
-def tiny_gpt2(seed: int = 0) -> GPT2ForSequenceClassification:
+def randomise_biases(model: nn.Module, seed: int = 5) -> nn.Module:
+    """Every Linear/Conv1D bias to randn. transformers initialises them to zero, and a zero bias
+    hides an adapter that drops, scales or rescales it (DoRA must leave b alone)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, Conv1D)) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+    return model
+
+
+def trained_look(model: nn.Module, seed: int = 7) -> nn.Module:
+    """Our adapters as training leaves them: B = randn·0.1 (not 0), DoRA's m = ‖W0‖·(1 + 0.3·randn)
+    (not ‖W0‖, where the DoRA scale is exactly 1), and the head moved, so that a wrong scale,
+    transposition, bias or head cannot pass a comparison."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if not isinstance(layer, LoRALinear):
+                continue
+            layer.lora_b.weight.copy_(torch.randn(layer.lora_b.weight.shape, generator=g) * 0.1)
+            if hasattr(layer, "magnitude"):
+                norm = base_weight(layer.base_layer).float().norm(dim=1)
+                noise = 1 + 0.3 * torch.randn(norm.shape, generator=g)
+                layer.magnitude.copy_(norm * noise)
+        for name, p in model.named_parameters():
+            if name.startswith(("score.", "classifier.")):
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def tiny_gpt2(seed: int = 0, random_bias: bool = True) -> GPT2ForSequenceClassification:
     torch.manual_seed(seed)
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64,
                      num_labels=2, pad_token_id=0, bos_token_id=0, eos_token_id=0)
-    return GPT2ForSequenceClassification(cfg).eval()
+    model = GPT2ForSequenceClassification(cfg).eval()
+    return randomise_biases(model, seed + 5) if random_bias else model
 
 
-def tiny_llama(seed: int = 0) -> LlamaForSequenceClassification:
+def tiny_llama(seed: int = 0, random_bias: bool = True) -> LlamaForSequenceClassification:
+    """With biases in attention and MLP (Llama has none by default, Qwen2 has q/k/v biases), so
+    that the adapted nn.Linear layers carry a bias to get wrong."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, num_labels=2,
-                      pad_token_id=0, bos_token_id=0, eos_token_id=0)
-    return LlamaForSequenceClassification(cfg).eval()
+                      pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                      attention_bias=random_bias, mlp_bias=random_bias)
+    model = LlamaForSequenceClassification(cfg).eval()
+    return randomise_biases(model, seed + 5) if random_bias else model
 
 
 def load_4bit(model_dir, quant_type: str = "nf4"):

@@ -1,5 +1,6 @@
 """Our LoRA/DoRA against Hugging Face peft, the oracle: same base, same adapter weights, so the
-logits and every trainable tensor's gradient must agree, at init and after AdamW steps."""
+logits and every trainable tensor's gradient must agree, at init and after AdamW steps. The base
+layers carry random non-zero biases (see _models.randomise_biases)."""
 from __future__ import annotations
 
 import copy
@@ -30,6 +31,9 @@ def make_pair(base, spec: pm.AdapterSpec, targets, base2=None):
     """(ours, peft's) on copies of one base, with peft given our (randomised) adapter weights."""
     ours, theirs = base, base2 if base2 is not None else copy.deepcopy(base)
     pm.inject_adapters(ours, spec)
+    # The builders randomise biases: a zero bias would hide an adapter that rescales or drops it.
+    assert all(layer.bias is not None and layer.bias.abs().min() > 0
+               for layer in pm.adapter_layers(ours).values())
     cfg = LoraConfig(task_type="SEQ_CLS", r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0,
                      target_modules=targets, use_dora=spec.use_dora, use_rslora=spec.rslora)
     theirs = get_peft_model(theirs, cfg)

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import peft_modules as pm
-from _models import batch, load_4bit, tiny_gpt2, tiny_llama
+from _models import batch, load_4bit, tiny_gpt2, tiny_llama, trained_look
 
 BUILDERS = {"gpt2": (tiny_gpt2, ["c_attn"]), "llama": (tiny_llama, ["q_proj", "v_proj"])}
 
@@ -49,14 +49,27 @@ def test_fresh_adapter_is_identity_and_merge_roundtrip(arch, method):
     assert (logits(model) - unmerged).abs().max().item() <= 1e-5
 
 
-def test_layer_bias_is_kept():
-    model = tiny_gpt2()
-    pm.inject_adapters(model, pm.AdapterSpec(method="dora", rank=2, alpha=2, targets=["c_attn"]))
-    layer = model.transformer.h[0].attn.c_attn
+@pytest.mark.parametrize("arch", BUILDERS)
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_layer_bias_is_kept(arch, method):
+    """h = m·(W0 + sBA)x/‖W0 + sBA‖_c + b (Liu et al. eq. 5): b is added, never rescaled. The
+    bias is randn and B, m trained-looking (DoRA scale ≠ 1), so a rescaled or dropped bias shows."""
+    build, targets = BUILDERS[arch]
+    model = build()
+    pm.inject_adapters(model, pm.AdapterSpec(method=method, rank=2, alpha=4, targets=targets))
+    trained_look(model)
+    layer = next(iter(pm.adapter_layers(model).values()))
+    bias = layer.base_layer.bias.detach()
+    assert bias.abs().min() > 0
     with torch.no_grad():
-        layer.base_layer.bias.fill_(0.5)
-        out = layer(torch.zeros(1, 3, 32))
-    assert torch.allclose(out, torch.full((1, 3, 96), 0.5))
+        assert torch.equal(layer(torch.zeros(1, 3, layer.in_features))[0, 0], bias)
+        x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
+        v = layer.base_layer.weight.detach()  # W0 + sBA as (out, in), built explicitly here
+        v = (v.t() if layer.kind == "conv1d" else v) + layer.scaling * (
+            layer.lora_b.weight @ layer.lora_a.weight)
+        if method == "dora":
+            v = (layer.magnitude / v.norm(dim=1)).unsqueeze(1) * v
+        assert (layer(x) - (x @ v.t() + bias)).abs().max().item() <= 1e-5
 
 
 def test_scaling_is_alpha_over_r():
