@@ -13,8 +13,9 @@ from prefect.cache_policies import NO_CACHE
 from transformers import AutoConfig
 
 from flows.finetune import finetune, prefect_tags
-from tasks import tracking
-from tasks.config import BenchConfig, ConfigError, build_config, load_config
+from tasks import names, tracking
+from tasks.conclude import conclude_task
+from tasks.config import BenchConfig, ConfigError, build_config, fingerprint, load_config
 from tasks.data import DataSummary, prepare_dataset, validate_data
 from tasks.model import check_model_source, resolve_device
 from tasks.report import generate_report_task
@@ -66,25 +67,46 @@ def random_init(cfg: BenchConfig) -> bool:
 def start_parent_run(cfg: BenchConfig, data_digest: str, source: str) -> str:
     params = {**tracking.flatten(cfg.model_dump(mode="json")),
               **{f"versions.{k}": v for k, v in tracking.versions().items()}}
-    tags = {"peft_bench.role": "parent", "peft_bench.benchmark": cfg.name,
-            "peft_bench.random_init": str(random_init(cfg)).lower(),
-            "peft_bench.git_sha": tracking.git_sha(),
-            "peft_bench.device": str(resolve_device(cfg.training)),
-            "peft_bench.data_digest": data_digest, "peft_bench.data_source": source,
-            **prefect_tags()}
+    tags = {names.ROLE: names.ROLE_PARENT, names.BENCHMARK: cfg.name,
+            names.METHODS: ",".join(m.name for m in cfg.methods), names.REFERENCE: cfg.reference,
+            names.CONFIG_HASH: fingerprint(cfg),
+            names.RANDOM_INIT: str(random_init(cfg)).lower(),
+            names.GIT_SHA: tracking.git_sha(), names.DEVICE: str(resolve_device(cfg.training)),
+            names.DATA_DIGEST: data_digest, names.DATA_SOURCE: source, **prefect_tags()}
     return tracking.create_run(cfg, tags, run_name=cfg.name, params=params)
 
 
+def run_key(method: str, seed: int) -> str:
+    return f"{method}/seed={seed}"
+
+
 def run_local(cfg: BenchConfig, parent_run_id: str) -> dict[str, str]:
-    """Each method as an in-process child flow run, one after another."""
-    states = {}
-    for m in cfg.methods:
-        state = finetune(config=cfg.model_dump(mode="json"), method_name=m.name,
-                         parent_run_id=parent_run_id, return_state=True)
-        states[m.name] = state.type.value
+    """Each (method, seed) as an in-process child flow run, one after another, the method
+    order rotating from one seed to the next."""
+    states, config = {}, cfg.model_dump(mode="json")
+    for _, seed, name in cfg.runs():
+        run = finetune.with_options(flow_run_name=f"{cfg.name}-{name}-seed{seed}")
+        state = run(config=config, method_name=name, parent_run_id=parent_run_id, seed=seed,
+                    return_state=True)
+        states[run_key(name, seed)] = state.type.value
         if not state.is_completed():
-            get_run_logger().error("method %s failed: %s", m.name, state.message)
+            get_run_logger().error("method %s, seed %s failed: %s", name, seed, state.message)
     return states
+
+
+def failed_tags(cfg: BenchConfig, states: dict[str, str]) -> dict[str, str]:
+    failed = sorted(k for k, s in states.items() if s != "COMPLETED")
+    methods = sorted({k.split("/seed=")[0] for k in failed})
+    return {names.FAILED_METHODS: ",".join(methods), names.FAILED_RUNS: ",".join(failed)}
+
+
+class RegressionError(RuntimeError):
+    """`regression.fail_on_regression` and a flag: the flow run ends FAILED, the report and
+    every MLflow run are written first. `result` is what the flow would have returned."""
+
+    def __init__(self, message: str, result: dict[str, Any]):
+        super().__init__(message)
+        self.result = result
 
 
 def fail_mlflow_runs(flow, flow_run, state) -> None:
@@ -109,7 +131,8 @@ def benchmark(config_path: Optional[str] = None, overrides: Optional[list[str]] 
     data = prepare_dataset(cfg.data, cfg.model.name_or_path, cfg.model.revision)
     parent = start_parent_run(cfg, data.digest, data.source)
     logger = get_run_logger()
-    logger.info("MLflow parent run %s (%s)", parent, cfg.tracking.tracking_uri)
+    logger.info("MLflow parent run %s (%s): %d method(s) x %d seed(s)", parent,
+                cfg.tracking.tracking_uri, len(cfg.methods), len(cfg.training.run_seeds))
     with tracking.closing_run(cfg.tracking, parent):
         tracking.log_config(parent, cfg)
         ensure_gpu_limit(cfg)
@@ -118,12 +141,18 @@ def benchmark(config_path: Optional[str] = None, overrides: Optional[list[str]] 
             states = run_deployments(cfg, parent)
         else:
             states = run_local(cfg, parent)
-        failed = sorted(n for n, s in states.items() if s != "COMPLETED")
-        tracking.set_tags(parent, cfg.tracking, {"peft_bench.failed_methods": ",".join(failed)})
+        tags = failed_tags(cfg, states)
+        tracking.set_tags(parent, cfg.tracking, tags)
+        check = conclude_task(cfg, parent)
         report = generate_report_task(parent, cfg.tracking.tracking_uri, Path(cfg.report.output_dir))
     logger.info("report: %s", report.html_path)
-    return {"parent_run_id": parent, "states": states, "failed": failed,
-            "report_html": str(report.html_path), "report_md": str(report.markdown_path),
-            "tracking_uri": cfg.tracking.tracking_uri, "train_rows": summary.train_rows,
-            "eval_rows": summary.eval_rows}
-
+    result = {"parent_run_id": parent, "states": states,
+              "failed": [k for k in tags[names.FAILED_RUNS].split(",") if k],
+              "regressions": [f.message for f in check.flags] if check else [],
+              "report_html": str(report.html_path), "report_md": str(report.markdown_path),
+              "tracking_uri": cfg.tracking.tracking_uri, "train_rows": summary.train_rows,
+              "eval_rows": summary.eval_rows}
+    if check and check.flags and cfg.regression.fail_on_regression:
+        raise RegressionError("regression.fail_on_regression: " + "; ".join(result["regressions"]),
+                              result)
+    return result

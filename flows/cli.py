@@ -7,7 +7,6 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from flows.stack import stack_app
 from tasks.config import ConfigError
@@ -17,26 +16,33 @@ app = typer.Typer(help="peft-bench: Full fine-tuning vs LoRA vs DoRA vs QLoRA, w
 app.add_typer(stack_app, name="stack")
 console = Console(width=160)
 
-COLUMNS = [("accuracy", "eval/accuracy", "{:.4f}"), ("f1", "eval/f1_macro", "{:.4f}"),
-           ("train s", "train_time_s", "{:.1f}"), ("samples/s", "samples_per_s", "{:.1f}"),
-           ("peak MB", "peak_memory_mb", "{:.0f}"), ("trainable", "trainable_params", "{:,.0f}"),
-           ("trainable %", "trainable_pct", "{:.3f}"), ("model MB", "model_size_mb", "{:.2f}"),
-           ("adapter MB", "adapter_size_mb", "{:.3f}")]
 
 
-def runs_table(tracking_uri: str, parent_run_id: str) -> Table:
-    """The parent's child runs, read back from MLflow."""
-    from tasks.report import child_runs
+def show_benchmark(tracking_uri: str, parent_run_id: str, baseline: Optional[str] = None) -> None:
+    """The methods, the verdicts and the regression check of one benchmark, from MLflow. With
+    `baseline`, the regression check is made against that run instead of the stored one."""
+    from mlflow import MlflowClient
 
-    table = Table(title=f"benchmark {parent_run_id}")
-    for col in ["method", "kind", "status", *[c[0] for c in COLUMNS]]:
-        table.add_column(col, justify="left" if col in ("method", "kind", "status") else "right")
-    for run in child_runs(tracking_uri, parent_run_id):
-        m, tags = run.data.metrics, run.data.tags
-        cells = [fmt.format(m[key]) if key in m else "-" for _, key, fmt in COLUMNS]
-        table.add_row(tags.get("peft_bench.method", run.info.run_name),
-                      tags.get("peft_bench.method_kind", "?"), run.info.status, *cells)
-    return table
+    from flows.display import methods_table, regression_lines, verdicts_table
+    from tasks import names
+    from tasks.aggregate import summarize
+    from tasks.config import RegressionConfig
+    from tasks.regression import Check, check_against
+    from tasks.report import get_parent
+
+    client = MlflowClient(tracking_uri)
+    summary = summarize(client, get_parent(client, parent_run_id))
+    console.print(methods_table(summary))
+    if (verdicts := verdicts_table(summary)) is not None:
+        console.print(verdicts)
+    if baseline:
+        check = check_against(client, summary, [get_parent(client, baseline)], RegressionConfig())
+        against = f"baseline run {baseline}"
+    else:
+        check = Check.from_json(summary.parent.data.tags.get(names.REGRESSIONS))
+        against = "earlier run(s) of the same benchmark and config"
+    for line in regression_lines(check, against):
+        console.print(line, highlight=False)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -48,24 +54,30 @@ def _fail(message: str, code: int = 2) -> None:
 def run(config: Path = typer.Argument(..., help="benchmark YAML, e.g. configs/quickstart.yaml"),
         methods: Optional[str] = typer.Option(None, help="comma-separated method names to run"),
         set_: list[str] = typer.Option([], "--set", help="override, e.g. training.lr=1e-4")) -> None:
-    """Run a benchmark: every method, then the report. Exit 1 if a method failed."""
-    from flows.benchmark import benchmark, resolve_config
+    """Run a benchmark: every method under every seed, then the report. Exit 1 if a run
+    failed, 3 if a regression was flagged with regression.fail_on_regression."""
+    from flows.benchmark import RegressionError, benchmark, resolve_config
 
     selected = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     try:  # validate here first, so bad input never starts a flow run
         resolve_config(str(config), set_, methods=selected)
     except ConfigError as e:
         _fail(str(e))
+    regressed = False
     try:
         result = benchmark(config_path=str(config), overrides=set_, methods=selected)
+    except RegressionError as e:
+        result, regressed = e.result, True
     except (ValueError, ConnectionError) as e:  # data/config/tracking errors from preflight
         _fail(str(e))
-    console.print(runs_table(result["tracking_uri"], result["parent_run_id"]))
+    show_benchmark(result["tracking_uri"], result["parent_run_id"])
     console.print(f"report:  {result['report_html']}\n         {result['report_md']}")
     console.print(f"MLflow:  parent run {result['parent_run_id']}; open the UI with\n"
                   f"         mlflow ui --backend-store-uri {result['tracking_uri']}")
     if result["failed"]:
-        _fail(f"failed methods: {', '.join(result['failed'])}", code=1)
+        _fail(f"failed runs: {', '.join(result['failed'])}", code=1)
+    if regressed:
+        _fail("regression flagged and regression.fail_on_regression is set", code=3)
 
 
 def _tracking(tracking_uri: Optional[str], experiment: Optional[str]) -> tuple[str, str]:
@@ -78,15 +90,21 @@ def _tracking(tracking_uri: Optional[str], experiment: Optional[str]) -> tuple[s
 @app.command()
 def compare(experiment: Optional[str] = typer.Option(None, help="MLflow experiment name"),
             tracking_uri: Optional[str] = typer.Option(None, help="defaults to mlflow.yaml / env"),
-            parent: Optional[str] = typer.Option(None, help="a parent run id (default: latest)")) -> None:
-    """Print the latest benchmark's methods side by side, read from MLflow."""
-    from tasks.report import latest_parent_run
+            parent: Optional[str] = typer.Option(None, help="a parent run id (default: latest)"),
+            baseline: Optional[str] = typer.Option(
+                None, help="a parent run id to check the benchmark against for regressions")) -> None:
+    """Print a benchmark's methods (mean ± 95% CI over seeds), its verdicts against the
+    reference method and its regression check, read from MLflow."""
+    from tasks.report import ReportError, latest_parent_run
 
     uri, exp = _tracking(tracking_uri, experiment)
     parent = parent or latest_parent_run(uri, exp)
     if parent is None:
         _fail(f"no benchmark runs in experiment {exp!r} at {uri}", code=1)
-    console.print(runs_table(uri, parent))
+    try:
+        show_benchmark(uri, parent, baseline)
+    except ReportError as e:
+        _fail(str(e), code=1)
 
 
 @app.command()

@@ -101,7 +101,7 @@ def wait_all(flow_run_ids: dict[str, UUID], stale_after: Optional[float] | str =
     stops sending heartbeats is marked CRASHED after `stale_after` seconds (default:
     `stale_after_s()`; None: never)."""
     stale_after = stale_after_s() if stale_after == "auto" else stale_after
-    logger = logger or get_logger("peft_bench.dispatch")
+    logger = logger or get_logger(__name__)
     pending, done = dict(flow_run_ids), {}
     with get_client(sync_client=True) as client:
         while pending:
@@ -118,23 +118,26 @@ def wait_all(flow_run_ids: dict[str, UUID], stale_after: Optional[float] | str =
 
 
 def run_deployments(cfg: BenchConfig, parent_run_id: str) -> dict[str, str]:
-    """Start one finetune flow run per method (all at once), wait for all, return states."""
+    """Start one finetune flow run per (method, seed), all at once in the rotated run order,
+    wait for all, return their states keyed `method/seed=N`."""
+    from flows.benchmark import run_key
+
     logger = get_run_logger()
     config = cfg.model_dump(mode="json")
     started = {}
-    for m in cfg.methods:
+    for _, seed, name in cfg.runs():
         run = run_deployment(cfg.finetune_deployment, timeout=0, as_subflow=True,
-                             flow_run_name=f"{cfg.name}-{m.name}",
-                             parameters={"config": config, "method_name": m.name,
-                                         "parent_run_id": parent_run_id})
-        logger.info("method %s: flow run %s", m.name, run.id)
-        started[m.name] = run.id
+                             flow_run_name=f"{cfg.name}-{name}-seed{seed}",
+                             parameters={"config": config, "method_name": name,
+                                         "parent_run_id": parent_run_id, "seed": seed})
+        logger.info("method %s, seed %s: flow run %s", name, seed, run.id)
+        started[run_key(name, seed)] = run.id
     states = {}
-    for name, run in wait_all(started, logger=logger).items():
-        states[name] = run.state.type.value
+    for key, run in wait_all(started, logger=logger).items():
+        states[key] = run.state.type.value
         if not run.state.is_completed():
             # A killed worker cannot close its MLflow run; the parent, still alive, does.
             why = f"flow run {run.state.name}: {run.state.message}"
             tracking.fail_open_runs(cfg.tracking, str(run.id), why)
-            logger.error("method %s: %s", name, why)
+            logger.error("%s: %s", key, why)
     return states

@@ -10,6 +10,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 from prefect import flow, get_run_logger
@@ -17,7 +18,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.runtime import deployment, flow_run
 
 import peft_modules as pm
-from tasks import tracking
+from tasks import names, tracking
 from tasks.config import BenchConfig, MethodConfig
 from tasks.data import PreparedData, prepare_dataset
 from tasks.evaluate import EvalResult, evaluate_task, plot_confusion
@@ -27,13 +28,13 @@ from tasks.train import TrainResult, train_task
 
 
 def prefect_tags() -> dict[str, str]:
-    tags = {"prefect.flow_run_id": str(flow_run.id or ""),
-            "prefect.flow_run_name": str(flow_run.name or ""),
+    tags = {names.FLOW_RUN_ID: str(flow_run.id or ""),
+            names.FLOW_RUN_NAME: str(flow_run.name or ""),
             # Which worker ran it: set by `peft-bench stack` workers, else this host and PID.
-            "peft_bench.worker": os.environ.get("PEFT_BENCH_WORKER",
-                                                f"{socket.gethostname()}:{os.getpid()}")}
+            names.WORKER: os.environ.get("PEFT_BENCH_WORKER",
+                                         f"{socket.gethostname()}:{os.getpid()}")}
     if flow_run.ui_url:
-        tags["prefect.flow_run_url"] = flow_run.ui_url
+        tags[names.FLOW_RUN_URL] = flow_run.ui_url
     return tags
 
 
@@ -51,18 +52,21 @@ def start_child_run(cfg: BenchConfig, method: MethodConfig, parent_run_id: str,
     params = {**tracking.flatten(shared),
               **tracking.flatten(method.model_dump(mode="json"), "method."),
               "method.effective_lr": str(method.lr or cfg.training.lr)}
-    tags = {"mlflow.parentRunId": parent_run_id, "peft_bench.role": "child",
-            "peft_bench.method": method.name, "peft_bench.method_kind": method.method,
-            "peft_bench.device": str(device), **prefect_tags()}
-    return tracking.create_run(cfg, tags, run_name=method.name, params=params)
+    seed = cfg.training.seed
+    seeds = cfg.training.run_seeds
+    tags = {names.PARENT: parent_run_id, names.ROLE: names.ROLE_CHILD,
+            names.METHOD: method.name, names.METHOD_KIND: method.method,
+            names.SEED: str(seed), names.SEED_INDEX: str(seeds.index(seed) if seed in seeds else 0),
+            names.DEVICE: str(device), **prefect_tags()}
+    return tracking.create_run(cfg, tags, run_name=f"{method.name}-seed{seed}", params=params)
 
 
 def log_eval(run_id: str, cfg: BenchConfig, ev: EvalResult, step: int) -> None:
     m = ev.metrics
     tracking.log_metrics(run_id, cfg.tracking, {
-        "eval/accuracy": m["accuracy"], "eval/f1_macro": m["f1_macro"],
-        "eval/precision": m["precision"], "eval/recall": m["recall"], "eval/loss": m["loss"],
-        "eval/samples_per_s": m["samples_per_s"]}, step)
+        names.EVAL_ACCURACY: m["accuracy"], names.EVAL_F1: m["f1_macro"],
+        names.EVAL_PRECISION: m["precision"], names.EVAL_RECALL: m["recall"],
+        names.EVAL_LOSS: m["loss"], names.EVAL_RATE: m["samples_per_s"]}, step)
 
 
 def evaluate(cfg: BenchConfig, model, data: PreparedData, device: torch.device,
@@ -97,9 +101,9 @@ def log_outputs(run_id: str, cfg: BenchConfig, method: MethodConfig, model, ev: 
     """Artifacts: adapter (or full weights), predictions, confusion matrix, resolved config."""
     adapter_dir = out / "adapter"
     weights = pm.save_adapter(model, method.adapter_spec(), adapter_dir)
-    ev.predictions.to_csv(out / "predictions.csv", index=False)
+    ev.predictions.to_csv(out / names.PREDICTIONS, index=False)
     plot_confusion(ev.confusion, out / "confusion_matrix.png", method.name)
-    for name in ("predictions.csv", "confusion_matrix.png"):
+    for name in (names.PREDICTIONS, "confusion_matrix.png"):
         tracking.log_artifact(run_id, cfg.tracking, out / name)
     tracking.log_config(run_id, cfg)
     if cfg.tracking.log_weights:
@@ -119,19 +123,45 @@ def run_method(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_i
         adapter_mb = log_outputs(run_id, cfg, method, model, ev, Path(tmp))
     summary_metrics = summary_of(res, summary, ev, peak_mb, model_size_mb, adapter_mb)
     tracking.log_metrics(run_id, cfg.tracking, summary_metrics, res.steps)
+    tracking.log_history(run_id, cfg.tracking, names.STEP_TIME, res.step_times)
+    tracking.set_tags(run_id, cfg.tracking, timing_tags(method.name, res, cfg))
     return summary_metrics
 
 
 def summary_of(res: TrainResult, summary: pm.AdapterSummary, ev: EvalResult, peak_mb: float,
                model_size_mb: float, adapter_mb: float) -> dict[str, float]:
-    return {"train_time_s": res.train_time_s, "samples_per_s": res.samples_per_s,
-            "tokens_per_s": res.tokens_per_s, "train_steps": res.steps,
-            "peak_memory_mb": peak_mb, "trainable_params": summary.trainable_params,
-            "total_params": summary.total_params, "trainable_pct": summary.trainable_pct,
-            "model_size_mb": model_size_mb, "adapter_size_mb": adapter_mb,
-            "eval_time_s": ev.metrics["eval_time_s"], "periodic_eval_time_s": res.periodic_eval_s,
-            "eval_samples_per_s": ev.metrics["samples_per_s"],
-            "accuracy": ev.metrics["accuracy"]}
+    out = {names.TRAIN_TIME: res.train_time_s, names.STEP_TIME_MEDIAN: res.step_time_median_s,
+           names.SAMPLES_PER_S: res.samples_per_s, names.TOKENS_PER_S: res.tokens_per_s,
+           names.TRAIN_STEPS: res.steps, names.PEAK_MEMORY: peak_mb,
+           names.TRAINABLE_PARAMS: summary.trainable_params,
+           names.TOTAL_PARAMS: summary.total_params, names.TRAINABLE_PCT: summary.trainable_pct,
+           names.MODEL_SIZE: model_size_mb, names.ADAPTER_SIZE: adapter_mb,
+           names.EVAL_TIME: ev.metrics["eval_time_s"],
+           names.PERIODIC_EVAL_TIME: res.periodic_eval_s,
+           names.EVAL_SAMPLES_PER_S: ev.metrics["samples_per_s"]}
+    if res.load is not None:
+        out[names.OTHER_CPU_SHARE] = res.load.other_share
+        if res.load.gpu_others is not None:
+            out[names.OTHER_GPU_PROCS] = res.load.gpu_others
+    return out
+
+
+def timing_tags(method: str, res: TrainResult, cfg: BenchConfig) -> dict[str, str]:
+    """Flag a run whose timings other processes disturbed, so the report warns instead of
+    ranking on them."""
+    load = res.load
+    if load is None:
+        return {}
+    bad = load.contaminated(cfg.training.contamination_threshold)
+    tags = {names.CONTAMINATED: str(bad).lower()}
+    if bad:
+        why = [f"other processes used {100 * load.other_share:.0f}% of the machine's CPU "
+               f"(threshold {100 * cfg.training.contamination_threshold:.0f}%)"]
+        if load.gpu_others:
+            why.append(f"{load.gpu_others} other process(es) on the GPU")
+        tags[names.TIMING_WARNING] = (f"{method} (seed {cfg.training.seed}): "
+                                      + " and ".join(why) + " while it trained")
+    return tags
 
 
 # The slot is leased: the holder renews it every 45 s; if the holder dies (worker killed),
@@ -163,9 +193,13 @@ def fail_mlflow_run(flow, flow_run, state) -> None:
 
 @flow(name="finetune", log_prints=True, on_crashed=[fail_mlflow_run],
       on_cancellation=[fail_mlflow_run])
-def finetune(config: dict, method_name: str, parent_run_id: str) -> dict[str, float]:
-    """Fine-tune and evaluate one method; its MLflow run ends FINISHED or FAILED."""
+def finetune(config: dict, method_name: str, parent_run_id: str,
+             seed: Optional[int] = None) -> dict[str, float]:
+    """Fine-tune and evaluate one method under one seed (default: training.seed); its MLflow
+    run ends FINISHED or FAILED. Data order, adapter init and head init follow the seed."""
     cfg = BenchConfig.model_validate(config)
+    if seed is not None:
+        cfg = cfg.for_seed(seed)
     method = get_method(cfg, method_name)
     device = resolve_device(cfg.training)
     if cfg.training.num_threads:
@@ -174,6 +208,7 @@ def finetune(config: dict, method_name: str, parent_run_id: str) -> dict[str, fl
     data = prepare_dataset(cfg.data, cfg.model.name_or_path, cfg.model.revision)
     with gpu_slot(cfg):  # waiting for the GPU is not part of the method's run
         run_id = start_child_run(cfg, method, parent_run_id, device)
-        get_run_logger().info("method %s: MLflow run %s", method.name, run_id)
+        get_run_logger().info("method %s, seed %s: MLflow run %s", method.name,
+                              cfg.training.seed, run_id)
         with tracking.closing_run(cfg.tracking, run_id, system_metrics=True):
             return run_method(cfg, method, data, run_id, device)

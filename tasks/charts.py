@@ -17,8 +17,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from tasks import names
+
 Rows = list[dict]
-Histories = dict[str, dict[str, list[tuple[int, float]]]]  # method -> metric -> [(step, value)]
+# method -> metric -> one [(step, value)] series per seed
+Histories = dict[str, dict[str, list[list[tuple[int, float]]]]]
 
 DPI = 120
 SIZE_COLORS = {"float model": "#4C72B0", "4-bit model": "#DD8452", "adapter only": "#55A868"}
@@ -41,20 +44,6 @@ def method_colors(methods: list[str]) -> dict[str, str]:
 
 def _hex(rgba) -> str:
     return "#%02x%02x%02x" % tuple(int(255 * c) for c in rgba[:3])
-
-
-def pareto_optimal(points: dict[str, tuple[float, float]]) -> set[str]:
-    """Names whose (time, accuracy) no other point beats: no faster-or-equal and
-    better-or-equal point that is strictly better in one of the two."""
-    best = set()
-    for name, (t, a) in points.items():
-        dominated = any(
-            t2 <= t and a2 >= a and (t2 < t or a2 > a)
-            for other, (t2, a2) in points.items() if other != name
-        )
-        if not dominated:
-            best.add(name)
-    return best
 
 
 def human(n: Optional[float]) -> str:
@@ -88,12 +77,25 @@ def _with(rows: Rows, *keys: str) -> Rows:
     return [r for r in rows if all(r.get(k) is not None for k in keys)]
 
 
-def _barh(rows: Rows, values: list[float], labels: list[str], colors, title: str, xlabel: str):
-    """Horizontal bars, first method on top, each bar labelled at its end."""
+def _err(rows: Rows, key: str, scale: list[float] | None = None):
+    """Asymmetric error bars from the rows' 95% intervals (`<key>_ci`); zero where absent."""
+    lo, hi = [], []
+    for i, r in enumerate(rows):
+        ci, mean, k = r.get(f"{key}_ci"), r.get(key), (scale[i] if scale else 1.0)
+        lo.append(k * (mean - ci[0]) if ci else 0.0)
+        hi.append(k * (ci[1] - mean) if ci else 0.0)
+    return [lo, hi] if any(lo) or any(hi) else None
+
+
+def _barh(rows: Rows, values: list[float], labels: list[str], colors, title: str, xlabel: str,
+          xerr=None):
+    """Horizontal bars, first method on top, each bar labelled at its end; error bars are the
+    95% intervals over seeds."""
     fig = _figure(6.6, max(2.4, 0.55 * len(rows) + 1.3))
     ax = fig.add_subplot()
-    names = [r["method"] for r in rows]
-    bars = ax.barh(names, values, color=[colors[n] for n in names])
+    methods = [r["method"] for r in rows]
+    bars = ax.barh(methods, values, color=[colors[n] for n in methods], xerr=xerr,
+                   error_kw={"ecolor": "#333333", "capsize": 3, "linewidth": 1})
     ax.invert_yaxis()
     ax.bar_label(bars, labels=labels, padding=4, fontsize=9)
     ax.set_title(title, loc="left", fontweight="bold")
@@ -103,21 +105,24 @@ def _barh(rows: Rows, values: list[float], labels: list[str], colors, title: str
     return fig, ax
 
 
-def time_chart(rows: Rows, baseline: Optional[str], colors, path: Path) -> Optional[Path]:
+def time_chart(rows: Rows, reference: Optional[str], colors, path: Path) -> Optional[Path]:
     rows = _with(rows, "train_time_s")
     if not rows:
         return None
-    if baseline is not None:
-        pct = [r["train_time_pct_of_full"] for r in rows]
-        labels = [f"{p:.0f}%  ({r['train_time_s']:.1f} s)" for p, r in zip(pct, rows)]
-        fig, ax = _barh(rows, pct, labels, colors, "Training time relative to full fine-tuning",
-                        f"% of full fine-tuning time ({baseline} = 100%)")
+    marks = [" ⚠" if r.get("timing_warnings") else "" for r in rows]
+    if reference is not None and all(r.get("train_time_pct_of_ref") is not None for r in rows):
+        pct = [r["train_time_pct_of_ref"] for r in rows]
+        labels = [f"{p:.0f}%  ({r['train_time_s']:.1f} s){m}" for p, r, m in zip(pct, rows, marks)]
+        scale = [p / r["train_time_s"] for p, r in zip(pct, rows)]
+        fig, ax = _barh(rows, pct, labels, colors, f"Training time relative to {reference}",
+                        f"% of {reference}'s training time ({reference} = 100%)",
+                        _err(rows, "train_time_s", scale))
         ax.axvline(100, color="#444444", linestyle="--", linewidth=1)
     else:
         secs = [r["train_time_s"] for r in rows]
-        fig, ax = _barh(rows, secs, [f"{s:.1f} s" for s in secs], colors,
-                        "Training time in seconds (no full fine-tuning baseline)",
-                        "training time (s)")
+        fig, ax = _barh(rows, secs, [f"{s:.1f} s{m}" for s, m in zip(secs, marks)], colors,
+                        "Training time in seconds", "training time (s)",
+                        _err(rows, "train_time_s"))
     return _save(fig, path)
 
 
@@ -156,25 +161,27 @@ def _positive(v) -> bool:
 
 
 def _curves(ax, rows: Rows, histories: Histories, metric: str, colors, marker=None) -> int:
+    """One line per seed in the method's colour, labelled once."""
     drawn = 0
     for r in rows:
-        points = histories.get(r["method"], {}).get(metric) or []
-        if points:
+        series = [s for s in histories.get(r["method"], {}).get(metric) or [] if s]
+        for i, points in enumerate(series):
             steps, values = zip(*points)
-            ax.plot(steps, values, label=r["method"], color=colors[r["method"]],
-                    marker=marker, linewidth=1.6, markersize=4)
-            drawn += 1
+            ax.plot(steps, values, label=r["method"] if i == 0 else None,
+                    color=colors[r["method"]], marker=marker, linewidth=1.4, markersize=3.5,
+                    alpha=1.0 if len(series) == 1 else 0.75)
+        drawn += bool(series)
     return drawn
 
 
 def loss_chart(rows: Rows, histories: Histories, colors, path: Path) -> Optional[Path]:
     fig = _figure()
     ax = fig.add_subplot()
-    if not _curves(ax, rows, histories, "train/loss", colors):
+    if not _curves(ax, rows, histories, names.TRAIN_LOSS, colors):
         return None
     ax.set_title("Training loss", loc="left", fontweight="bold")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train/loss")
+    ax.set_ylabel(names.TRAIN_LOSS)
     ax.legend(frameon=False)
     _style(ax, "both")
     return _save(fig, path)
@@ -186,17 +193,19 @@ def accuracy_chart(rows: Rows, histories: Histories, colors, path: Path) -> Opti
         return None
     fig = _figure(10.0, 4.2)
     left, right = fig.subplots(1, 2, width_ratios=[3, 2])
-    _curves(left, final, histories, "eval/accuracy", colors, marker="o")
-    left.set_title("Validation accuracy during training", loc="left", fontweight="bold")
+    _curves(left, final, histories, names.EVAL_ACCURACY, colors, marker="o")
+    left.set_title("Eval accuracy during training (one line per seed)", loc="left",
+                   fontweight="bold")
     left.set_xlabel("optimizer step")
-    left.set_ylabel("eval/accuracy")
+    left.set_ylabel(names.EVAL_ACCURACY)
     left.legend(frameon=False, fontsize=8)
     _style(left, "both")
-    names = [r["method"] for r in final]
-    bars = right.bar(names, [r["accuracy"] for r in final], color=[colors[n] for n in names])
+    methods = [r["method"] for r in final]
+    bars = right.bar(methods, [r["accuracy"] for r in final], color=[colors[n] for n in methods],
+                     yerr=_err(final, "accuracy"), error_kw={"ecolor": "#333333", "capsize": 3})
     right.bar_label(bars, labels=[f"{r['accuracy']:.3f}" for r in final], padding=2, fontsize=8)
     right.set_ylim(0, 1.08)
-    right.set_title("Final accuracy", loc="left", fontweight="bold")
+    right.set_title("Final accuracy (mean, 95% CI)", loc="left", fontweight="bold")
     right.tick_params(axis="x", labelrotation=30)
     _style(right)
     return _save(fig, path)
@@ -208,7 +217,8 @@ def memory_chart(rows: Rows, colors, path: Path) -> Optional[Path]:
         return None
     values = [r["peak_memory_mb"] for r in rows]
     fig, _ = _barh(rows, values, [f"{v:,.0f} MB" for v in values], colors,
-                   "Peak memory during training", "peak memory (MB)")
+                   "Peak memory during training", "peak memory (MB)",
+                   _err(rows, "peak_memory_mb"))
     return _save(fig, path)
 
 
@@ -228,43 +238,46 @@ def params_chart(rows: Rows, colors, path: Path) -> Optional[Path]:
 
 
 def pareto_chart(rows: Rows, colors, path: Path) -> Optional[Path]:
-    """Accuracy vs training time; the frontier is a staircase because between two optimal
-    points you can only buy accuracy by spending more time."""
+    """Accuracy vs training time with 95% intervals as error bars; starred methods are those no
+    other method beats on both axes beyond the intervals (hollow: not ranked on time)."""
     rows = _with(rows, "train_time_s", "accuracy")
     if not rows:
         return None
     fig = _figure(6.6, 4.4)
     ax = fig.add_subplot()
-    front = sorted((r for r in rows if r.get("pareto_optimal")), key=lambda r: r["train_time_s"])
-    if len(front) > 1:
-        ax.step([r["train_time_s"] for r in front], [r["accuracy"] for r in front], where="post",
-                color="#888888", linestyle="--", linewidth=1.2, label="Pareto frontier")
     for r in rows:
         best = bool(r.get("pareto_optimal"))
-        ax.scatter(r["train_time_s"], r["accuracy"], s=110 if best else 60, zorder=3,
+        x, y = r["train_time_s"], r["accuracy"]
+        xerr, yerr = _err([r], "train_time_s"), _err([r], "accuracy")
+        if xerr or yerr:
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor=colors[r["method"]],
+                        elinewidth=1.2, capsize=3, zorder=2)
+        ax.scatter(x, y, s=110 if best else 60, zorder=3,
                    color=colors[r["method"]] if best else "white",
                    edgecolors="black" if best else colors[r["method"]], linewidths=1.5)
-        ax.annotate(r["method"] + (" ★" if best else ""), (r["train_time_s"], r["accuracy"]),
-                    textcoords="offset points", xytext=(7, 5), fontsize=9)
-    ax.set_title("Accuracy vs training time (★ = Pareto-optimal)", loc="left", fontweight="bold")
-    ax.set_xlabel("training time (s)")
-    ax.set_ylabel("final eval/accuracy")
+        mark = " ★" if best else (" ⚠" if r.get("timing_warnings") else "")
+        ax.annotate(r["method"] + mark, (x, y), textcoords="offset points", xytext=(7, 5),
+                    fontsize=9)
+    ax.set_title("Accuracy vs training time (★ = best beyond the 95% intervals)", loc="left",
+                 fontweight="bold")
+    ax.set_xlabel("training time (s), mean over seeds")
+    ax.set_ylabel("final eval/accuracy, mean over seeds")
     ax.margins(x=0.2, y=0.2)
-    if len(front) > 1:
-        ax.legend(frameon=False, loc="lower right")
     _style(ax, "both")
     return _save(fig, path)
 
 
-def draw_all(rows: Rows, histories: Histories, baseline: Optional[str], colors,
+def draw_all(rows: Rows, histories: Histories, reference: Optional[str], colors,
              out: Path) -> tuple[list[Chart], list[str]]:
     """Draw every chart into `out`; return the charts drawn and a note for each one skipped."""
-    no_baseline = "" if baseline else " No successful full fine-tuning run, so absolute seconds."
+    no_baseline = "" if reference else " No reference method time, so absolute seconds."
     specs: list[tuple[str, str, str, Callable[[Path], Optional[Path]]]] = [
-        ("pareto", "Accuracy vs time", "Filled points are Pareto-optimal: no other method is "
-         "both at least as fast and at least as accurate.", lambda p: pareto_chart(rows, colors, p)),
-        ("train_time", "Training time", "Wall-clock training time per method." + no_baseline,
-         lambda p: time_chart(rows, baseline, colors, p)),
+        ("pareto", "Accuracy vs time", "Means over seeds with 95% intervals. Filled points are "
+         "starred: no other method is faster and more accurate beyond the intervals.",
+         lambda p: pareto_chart(rows, colors, p)),
+        ("train_time", "Training time", "Wall-clock training time per method, mean over seeds "
+         "with its 95% interval." + no_baseline,
+         lambda p: time_chart(rows, reference, colors, p)),
         ("eval_accuracy", "Validation accuracy", "eval/accuracy at each evaluation, and the "
          "final value.", lambda p: accuracy_chart(rows, histories, colors, p)),
         ("train_loss", "Training loss", "train/loss per optimizer step.",

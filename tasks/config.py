@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from peft_modules.spec import AdapterSpec
 
@@ -82,12 +83,31 @@ class TrainingConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     seed: int = 42
+    seeds: Optional[list[int]] = Field(
+        None, min_length=1, description="repeat every method under each seed (wins over seed)")
     eval_every: Optional[int] = Field(None, gt=0, description="evaluate every N optimizer steps")
     log_every: int = Field(1, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast on CUDA")
     eval_batch_size: int = Field(64, gt=0)
     num_threads: Optional[int] = Field(None, gt=0, description="torch CPU threads")
+    timing_warmup_steps: int = Field(
+        3, ge=0, description="first optimiser steps left out of the median step time")
+    contamination_threshold: float = Field(
+        0.2, gt=0, le=1, description="share of the machine other processes may take before a "
+        "method's timings are flagged as contaminated")
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v):
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
+
+    @property
+    def run_seeds(self) -> list[int]:
+        """The seeds every method runs under: `seeds`, else the single `seed`."""
+        return list(self.seeds) if self.seeds else [self.seed]
 
 
 class TrackingConfig(_Strict):
@@ -109,6 +129,24 @@ class ConcurrencyConfig(_Strict):
 
 class ReportConfig(_Strict):
     output_dir: Path = Path("reports")
+    reference: Optional[str] = Field(
+        None, description="method the others are compared with (default: the first method)")
+
+
+class RegressionConfig(_Strict):
+    """The alarm that compares a benchmark with earlier runs of the same benchmark and config.
+
+    A method is flagged when its new mean is worse than the history's by more than
+    max(floor, sigmas × noise), noise = √(s_hist² + se_new²): s_hist the std of the earlier
+    runs' means, se_new the standard error of the new mean over its seeds."""
+
+    enabled: bool = True
+    window: int = Field(5, gt=0, description="earlier FINISHED runs compared with")
+    sigmas: float = Field(3.0, ge=0, description="how many noise units a change must exceed")
+    accuracy_drop: float = Field(0.01, ge=0, description="absolute accuracy floor (0.01 = 1 pt)")
+    time_rise: float = Field(0.10, ge=0, description="relative train-time floor (0.10 = +10%)")
+    memory_rise: float = Field(0.05, ge=0, description="relative peak-memory floor")
+    fail_on_regression: bool = Field(False, description="end the flow run FAILED on a flag")
 
 
 class BenchConfig(_Strict):
@@ -123,6 +161,7 @@ class BenchConfig(_Strict):
     finetune_deployment: str = Field("finetune/finetune",
                                      description="deployment the `deployments` dispatch runs")
     concurrency: ConcurrencyConfig = ConcurrencyConfig()
+    regression: RegressionConfig = RegressionConfig()
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -130,7 +169,31 @@ class BenchConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"methods: duplicate method names {dup}")
+        ref = self.report.reference
+        if ref is not None and ref not in names:
+            raise ValueError(f"report.reference: {ref!r} is not a method name (methods: {names})")
         return self
+
+    @property
+    def reference(self) -> str:
+        """The method every other is compared with: report.reference, else the first."""
+        return self.report.reference or self.methods[0].name
+
+    def runs(self) -> list[tuple[int, int, str]]:
+        """(seed index, seed, method name) for every run, in run order. The method order
+        rotates by one position per seed, so slow drift of the machine (thermal, a neighbour
+        job) falls on every method alike rather than always on the last one."""
+        names = [m.name for m in self.methods]
+        out = []
+        for i, seed in enumerate(self.training.run_seeds):
+            k = i % len(names)
+            out += [(i, seed, name) for name in names[k:] + names[:k]]
+        return out
+
+    def for_seed(self, seed: int) -> "BenchConfig":
+        """The config one child run sees: `training.seed` set to its seed."""
+        training = self.training.model_copy(update={"seed": seed})
+        return self.model_copy(update={"training": training})
 
     def select(self, names: list[str]) -> "BenchConfig":
         """Keep only the named methods (CLI `--methods`), refusing unknown names."""
@@ -138,7 +201,11 @@ class BenchConfig(_Strict):
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ConfigError(f"--methods: unknown method(s) {unknown}; the config has {known}")
-        return self.model_copy(update={"methods": [m for m in self.methods if m.name in names]})
+        kept = [m for m in self.methods if m.name in names]
+        report = self.report
+        if report.reference is not None and report.reference not in names:
+            report = report.model_copy(update={"reference": None})  # first kept method
+        return self.model_copy(update={"methods": kept, "report": report})
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -225,3 +292,20 @@ def looks_local(name_or_path: str) -> bool:
     """A hub id is `org/name` or `name`; anything that exists, or starts like a path, is local."""
     p = Path(name_or_path).expanduser()
     return p.exists() or name_or_path.startswith((".", "/", "~")) or not HUB_ID.match(name_or_path)
+
+
+# What a config fingerprint leaves out: the seeds (repeats of the same experiment), where the
+# work runs (dispatch, concurrency), where results go (tracking, report) and the alarm's own
+# thresholds. Two benchmarks with the same fingerprint measure the same thing.
+_FINGERPRINT_EXCLUDE = {"training": {"seed", "seeds"}, "dispatch": True,
+                        "finetune_deployment": True, "concurrency": True, "tracking": True,
+                        "report": True, "regression": True}
+
+
+def fingerprint(cfg: BenchConfig) -> str:
+    """A short hash of the config as far as it decides the numbers (regression history key)."""
+    import hashlib
+    import json
+
+    tree = cfg.model_dump(mode="json", exclude=_FINGERPRINT_EXCLUDE)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]

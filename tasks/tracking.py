@@ -19,6 +19,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
+from tasks import names
 from tasks.config import BenchConfig, TrackingConfig
 
 PACKAGES = ("torch", "transformers", "peft-bench", "bitsandbytes", "prefect", "mlflow",
@@ -82,6 +83,17 @@ def log_metrics(run_id: str, tracking: TrackingConfig, metrics: dict[str, float]
                                                 for k, v in metrics.items()])
 
 
+def log_history(run_id: str, tracking: TrackingConfig, key: str, values: list[float],
+                first_step: int = 1) -> None:
+    """A whole per-step history in a few calls (MLflow takes 1000 metrics a batch), so the
+    training loop never waits on the store."""
+    now = get_current_time_millis()
+    items = [Metric(key, float(v), now, first_step + i) for i, v in enumerate(values)]
+    c = client(tracking)
+    for i in range(0, len(items), 1000):
+        c.log_batch(run_id, metrics=items[i:i + 1000])
+
+
 def create_run(cfg: BenchConfig, tags: dict[str, str], run_name: str,
                params: dict[str, str]) -> str:
     c = client(cfg.tracking)
@@ -94,7 +106,7 @@ def create_run(cfg: BenchConfig, tags: dict[str, str], run_name: str,
 def fail_run(tracking: TrackingConfig, run_id: str, why: str) -> None:
     """End a run FAILED, with the reason in the `peft_bench.error` tag."""
     c = client(tracking)
-    c.set_tag(run_id, "peft_bench.error", why[:5000])
+    c.set_tag(run_id, names.ERROR, why[:5000])
     c.set_terminated(run_id, "FAILED")
 
 
@@ -198,9 +210,9 @@ def _fail_open(tracking: TrackingConfig, where: str, why: str) -> list[str]:
 
 def fail_open_runs(tracking: TrackingConfig, flow_run_id: str, why: str) -> list[str]:
     """Close as FAILED every RUNNING MLflow run a (crashed) Prefect flow run left behind."""
-    return _fail_open(tracking, f"tags.`prefect.flow_run_id` = '{flow_run_id}'", why)
+    return _fail_open(tracking, f"tags.`{names.FLOW_RUN_ID}` = '{flow_run_id}'", why)
 
 
 def fail_open_children(tracking: TrackingConfig, parent_run_id: str, why: str) -> list[str]:
     """Close as FAILED the RUNNING child runs of a parent run."""
-    return _fail_open(tracking, f"tags.mlflow.parentRunId = '{parent_run_id}'", why)
+    return _fail_open(tracking, f"tags.`{names.PARENT}` = '{parent_run_id}'", why)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -18,8 +19,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from tasks import names
 from tasks.collate import SplitData, make_loader
 from tasks.config import TrainingConfig
+from tasks.machine_load import LoadReading, MachineLoad
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -32,6 +35,16 @@ class TrainResult:
     tokens: int  # non-padding tokens seen
     losses: list[float] = field(default_factory=list)
     periodic_eval_s: float = 0.0  # time spent in evaluate() calls, left out of train_time_s
+    step_times: list[float] = field(default_factory=list)  # wall seconds of each optimiser step
+    warmup_steps: int = 3  # steps left out of the steady-state median
+    load: Optional[LoadReading] = None  # what other processes took while this method trained
+
+    @property
+    def step_time_median_s(self) -> float:
+        """Median step time once caches and allocators have warmed up: the first
+        `warmup_steps` steps are left out (all steps count when there are no more than that)."""
+        steady = self.step_times[self.warmup_steps:] or self.step_times
+        return statistics.median(steady) if steady else 0.0
 
     @property
     def samples_per_s(self) -> float:
@@ -77,8 +90,22 @@ def _batches(loader, steps: int, grad_accum: int):
 def train_model(model: nn.Module, train: SplitData, cfg: TrainingConfig, lr: float,
                 pad_token_id: int, device: torch.device, log: Optional[LogFn] = None,
                 evaluate: Optional[Callable[[int], None]] = None) -> TrainResult:
-    """AdamW + schedule + accumulation + clipping. `log(metrics, step)` per optimiser step,
-    `evaluate(step)` every `cfg.eval_every` steps (its time is not counted)."""
+    """AdamW + schedule + accumulation + clipping. `log(metrics, step)` every `log_every`
+    optimiser steps, `evaluate(step)` every `cfg.eval_every` steps (its time is not counted).
+    The machine's load from other processes is measured over the whole loop."""
+    with MachineLoad(gpu_index=_gpu_index(device)) as load:
+        res = _train_loop(model, train, cfg, lr, pad_token_id, device, log, evaluate)
+    res.load = load.reading
+    return res
+
+
+def _gpu_index(device: torch.device) -> Optional[int]:
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _train_loop(model, train, cfg, lr, pad_token_id, device, log, evaluate) -> TrainResult:
     torch.manual_seed(cfg.seed)
     loader = make_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed, pad_token_id=pad_token_id)
     steps = total_steps(cfg, len(loader))
@@ -86,10 +113,11 @@ def train_model(model: nn.Module, train: SplitData, cfg: TrainingConfig, lr: flo
     sched = get_scheduler(cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * steps),
                           num_training_steps=steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    res, step, micro, window = TrainResult(0, 0.0, 0, 0), 0, 0, []
+    res = TrainResult(0, 0.0, 0, 0, warmup_steps=cfg.timing_warmup_steps)
+    step, micro, window = 0, 0, []
     model.train()
     bar = tqdm(total=steps, desc="train", leave=False, mininterval=1.0)
-    t0 = time.perf_counter()
+    t0 = step_start = time.perf_counter()
     for batch in _batches(loader, steps, cfg.grad_accum):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, cfg.precision):
@@ -97,7 +125,7 @@ def train_model(model: nn.Module, train: SplitData, cfg: TrainingConfig, lr: flo
         (loss / cfg.grad_accum).backward()
         res.samples += len(batch["labels"])
         res.tokens += int(batch["attention_mask"].sum())
-        window.append(loss.item())
+        window.append(loss.item())  # .item() syncs CUDA, so the step time below is real
         micro += 1
         if micro % cfg.grad_accum:
             continue
@@ -109,16 +137,19 @@ def train_model(model: nn.Module, train: SplitData, cfg: TrainingConfig, lr: flo
         step += 1
         res.losses.append(sum(window) / len(window))
         window = []
+        now = time.perf_counter()
+        res.step_times.append(now - step_start)
         bar.update(1)
         bar.set_postfix(loss=f"{res.losses[-1]:.4f}", refresh=False)
         if log and step % cfg.log_every == 0:
-            log({"train/loss": res.losses[-1], "train/lr": sched.get_last_lr()[0]}, step)
+            log({names.TRAIN_LOSS: res.losses[-1], names.TRAIN_LR: sched.get_last_lr()[0]}, step)
         if evaluate and cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
-            pause = time.perf_counter()
+            e0 = time.perf_counter()
             evaluate(step)
             model.train()
-            res.periodic_eval_s += time.perf_counter() - pause
-            t0 += time.perf_counter() - pause
+            res.periodic_eval_s += time.perf_counter() - e0
+        t0 += time.perf_counter() - now  # logging and evaluation are not training time
+        step_start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     res.train_time_s, res.steps = time.perf_counter() - t0, step

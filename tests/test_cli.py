@@ -63,13 +63,16 @@ def test_run_compare_report(prefect_harness, config_file, bench_config, tmp_path
     assert "report:" in result.output and "mlflow ui --backend-store-uri" in result.output
     exp = MlflowClient(uri).get_experiment_by_name("ci")
     runs = MlflowClient(uri).search_runs([exp.experiment_id])
-    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3
+    roles = sorted(r.data.tags["peft_bench.role"] for r in runs)
+    assert roles == ["aggregate"] * 2 + ["child"] * 2 + ["parent"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
     parent = next(r for r in runs if r.data.tags["peft_bench.role"] == "parent")
     assert parent.data.params["training.max_steps"] == "2"
 
     result = runner.invoke(app, ["compare", "--tracking-uri", uri, "--experiment", "ci"])
     assert result.exit_code == 0, result.output
     assert "lora" in result.output and "qlora" in result.output and "FINISHED" in result.output
+    assert "verdicts against lora" in result.output and "nothing to compare with" in result.output
 
     out = tmp_path / "rebuilt"
     result = runner.invoke(app, ["report", parent.info.run_id, "--out", str(out),
@@ -82,7 +85,7 @@ def test_run_failing_method_exits_1(prefect_harness, config_file):
     result = runner.invoke(app, ["run", str(config_file), "--methods", "lora",
                                  "--set", "methods.1.targets=[nope]", "--set", "training.max_steps=1"])
     assert result.exit_code == 1
-    assert "failed methods: lora" in result.output
+    assert "failed runs: lora/seed=42" in result.output
 
 
 @pytest.mark.parametrize("args,message", [

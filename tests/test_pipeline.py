@@ -13,7 +13,7 @@ from conftest import make_bench_config
 from flows.benchmark import benchmark
 from tasks.report import child_runs
 
-SUMMARY = ["train_time_s", "samples_per_s", "tokens_per_s", "peak_memory_mb", "trainable_params",
+SUMMARY = ["train_time_s", "step_time_median_s", "other_cpu_share", "samples_per_s", "tokens_per_s", "peak_memory_mb", "trainable_params",
            "trainable_pct", "model_size_mb", "adapter_size_mb", "eval/accuracy", "eval/loss",
            "eval/f1_macro", "eval/precision", "eval/recall"]
 
@@ -49,6 +49,14 @@ def test_children_finished_with_metrics(finished):
         assert run.data.params["method.method"] == name
         history = client.get_metric_history(run.info.run_id, "train/loss")
         assert [m.step for m in history] == [1, 2, 3, 4]
+        steps = sorted(client.get_metric_history(run.info.run_id, "train/step_time_s"),
+                       key=lambda m: m.step)
+        assert [m.step for m in steps] == [1, 2, 3, 4]
+        # Steady state: the first 3 steps (training.timing_warmup_steps) are left out.
+        assert run.data.metrics["step_time_median_s"] == steps[3].value
+        total = sum(m.value for m in steps)  # eval and logging pauses are in neither
+        assert total <= run.data.metrics["train_time_s"] <= total + 0.5, name
+        assert run.data.tags["peft_bench.seed"] == "42"
         evals = client.get_metric_history(run.info.run_id, "eval/accuracy")
         assert [m.step for m in evals] == [2, 4]
         arts = {a.path for a in client.list_artifacts(run.info.run_id)}
