@@ -134,14 +134,21 @@ def make_loader(split_data: SplitData, batch_size: int, shuffle: bool, seed: int
                       collate_fn=collate, num_workers=0)
 
 
-def padding_fraction(loader) -> float:
-    """Share of pad positions in one pass over `loader`'s batches (0 = no padding at all).
+def padding_fraction(loader, max_batches: Optional[int] = None) -> float:
+    """Share of pad positions in `loader`'s batches (0 = no padding at all): one epoch, or the
+    first `max_batches` batches, epoch after epoch, as a training loop of that many steps sees
+    them.
 
-    It iterates the loader, so a shuffled loader's generator moves on by one epoch: measure on
-    a loader built for the purpose, not on the one about to train."""
-    pads = total = 0
-    for batch in loader:
-        mask = batch["attention_mask"]
-        total += mask.numel()
-        pads += mask.numel() - int(mask.sum())
-    return pads / max(total, 1)
+    It iterates the loader, so a shuffled loader's generator moves on: measure on a loader
+    built for the purpose (same seed), not on the one about to train."""
+    pads = total = seen = 0
+    while True:
+        for batch in loader:
+            mask = batch["attention_mask"]
+            total += mask.numel()
+            pads += mask.numel() - int(mask.sum())
+            seen += 1
+            if seen == max_batches:
+                return pads / max(total, 1)
+        if max_batches is None or seen == 0:
+            return pads / max(total, 1)

@@ -103,3 +103,14 @@ def test_padding_fraction_by_hand():
 def test_grouping_is_for_training_only(sst2_rows):
     with pytest.raises(ValueError, match="training loaders"):
         make_loader(sst2_rows, BATCH, shuffle=False, seed=0, pad_token_id=PAD, group_by_length=True)
+
+
+def test_padding_fraction_over_steps_spans_epochs():
+    # Batches of one row never pad; two rows of lengths 1 and 3 pad 2 of 6 in every epoch.
+    data = SplitData([[5], [6, 7, 8]], [0, 1])
+    loader = make_loader(data, 2, shuffle=True, seed=0, pad_token_id=PAD, group_by_length=True)
+    assert padding_fraction(loader, max_batches=5) == 2 / 6
+    # It stops after max_batches: the third, all-pad batch here is never read.
+    batches = [{"attention_mask": torch.ones(1, 2)}] * 2 + [{"attention_mask": torch.zeros(1, 2)}]
+    assert padding_fraction(batches, max_batches=2) == 0.0
+    assert padding_fraction(batches) == 1 / 3
