@@ -24,6 +24,8 @@ from tasks.machine_load import DEFAULT_THRESHOLD, LoadReading
 # Above this inter-quartile range / median a median is too wobbly to carry a verdict: most
 # targets here are 10-20% apart from the alternative they are compared with.
 REL_IQR_LIMIT = 0.10
+# Quartiles of fewer measurements say nothing about the spread.
+MIN_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,10 @@ class Checks:
     problems: list[str] = field(default_factory=list)
 
     def spread(self, name: str, s: Spread) -> Spread:
-        if s.rel_iqr > self.rel_iqr_limit:
+        if s.n < MIN_ROUNDS:
+            self.problems.append(f"{name}: {s.n} round(s) only, too few to judge the spread "
+                                 f"(at least {MIN_ROUNDS})")
+        elif s.rel_iqr > self.rel_iqr_limit:
             self.problems.append(f"{name}: spread too large (IQR/median {s.rel_iqr:.1%} > "
                                  f"{self.rel_iqr_limit:.0%} over {s.n} rounds)")
         return s

@@ -154,8 +154,39 @@ def test_pipeline_overhead_summary():
 
 
 def test_pipeline_overhead_warns_on_impossible_and_noisy_runs():
-    report = [flow_run("cold", 40, 20), flow_run("warm", 15, 20), flow_run("warm", 30, 20)]
+    report = [flow_run("cold", 40, 20)] + [flow_run("warm", w, 20) for w in (15, 30, 31)]
     out = pipeline_overhead.summarize(report, QUIET)
     assert "WARNING: inconsistent: warm run: the methods' train + eval time exceeds" in out
     assert "WARNING: warm pipeline overhead: spread too large" in out
     assert "target <=" not in out.splitlines()[-1]
+
+
+def test_too_few_rounds_warn():
+    checks = Checks()
+    checks.spread("one round", spread([1.0]))
+    checks.spread("two rounds", spread([1.0, 1.0]))
+    assert len(checks.problems) == 2 and "too few" in checks.problems[0]
+
+
+def trainer_runs(ours_sps: float, theirs_sps: float, ours_acc: float = 0.80) -> list:
+    from benchmarks.vs_trainer import Run
+
+    runs = []
+    for k in range(3):
+        for method in ("full", "lora"):
+            for impl, sps, acc in (("ours", ours_sps, ours_acc), ("trainer", theirs_sps, 0.80)):
+                t = 480 / (sps * (1 + 0.01 * k))
+                runs.append(Run(impl, method, 480, 9000, 24000, t, acc, 0.5))
+    return runs
+
+
+def test_vs_trainer_report_verdict_and_planted_accuracy_gap():
+    from benchmarks import vs_trainer
+
+    out = vs_trainer.report(trainer_runs(1300, 1000), QUIET, 400, 16, None)
+    assert "WARNING" not in out
+    assert "full ours / Trainer samples/s = 1.30" in out and "target >= 1.2: met" in out
+    # Same model, same training: a 10-point accuracy gap on 400 rows is not noise.
+    out = vs_trainer.report(trainer_runs(1300, 1000, ours_acc=0.70), QUIET, 400, 16, None)
+    assert "WARNING: inconsistent: full: accuracy ours 0.700 vs Trainer 0.800" in out
+    assert "target >=" not in out
