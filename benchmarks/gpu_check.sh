@@ -87,7 +87,7 @@ else
     fi
     # 12 interleaved steps after 3 warm-ups, one memory run each: about 3 minutes on an H200,
     # most of it building and loading the 774M-parameter model in 9 subprocesses.
-    if timeout 420 "$PYTHON" benchmarks/adapters.py --shape large --dtype bfloat16 --device cuda \
+    if timeout 330 "$PYTHON" benchmarks/adapters.py --shape large --dtype bfloat16 --device cuda \
         --methods "$METHODS" --batch 8 --seq 128 --steps 12 --warmup 3 --mem-reps 1 \
         >"$OUT/adapters_large.log" 2>&1; then
         sed -n '/^shape=/,$p' "$OUT/adapters_large.log" >>"$SUMMARY"
@@ -109,7 +109,7 @@ elif ! py_ok "import tasks.train, tasks.evaluate, tasks.data, tasks.model"; then
     "$PYTHON" -c "import tasks.train, tasks.evaluate, tasks.data, tasks.model" 2>&1 | tail -n 1 \
         | sed 's/^/    /' | tee -a "$SUMMARY"
 else
-    if timeout 240 "$PYTHON" benchmarks/cuda_smoke.py --data "$DATA" --steps 20 \
+    if timeout 150 "$PYTHON" benchmarks/cuda_smoke.py --data "$DATA" --steps 20 \
         --out "$OUT/cuda_smoke.md" >"$OUT/cuda_smoke.log" 2>&1; then
         cat "$OUT/cuda_smoke.md" >>"$SUMMARY"
         echo "(b) done"
