@@ -8,12 +8,17 @@ base) and alternates their train steps, swapping which goes first every step, so
 from other processes on a shared machine hits both alike. Memory: each (implementation,
 method) runs alone in its own subprocess, so one's peak never counts towards another's.
 Weights are random (no hub here): speed and memory do not depend on them.
+
+Noise: each time is printed as median [inter-quartile range] over the interleaved steps, each
+ratio with a seeded bootstrap 95% interval, with the CPU share other processes took while the
+steps ran (`tasks.machine_load`). The verdicts on the targets give way to WARNING lines when a
+spread or the outside load is too large, or when an adapter comes out faster than the floor
+(the same model without adapter) beyond noise, which no correct measurement can show.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._noise import Checks, describe_load, ratio_of_medians, spread, target_verdict  # noqa: E402
+from tasks.machine_load import LoadReading, MachineLoad  # noqa: E402
+
 SHAPES = {"tiny": dict(n_layer=2, n_embd=256, n_head=4),  # a smoke test of the script
           "small": dict(n_layer=12, n_embd=768, n_head=12),
           "large": dict(n_layer=36, n_embd=1280, n_head=20)}
@@ -101,7 +109,7 @@ def make_step(args, model, opt):
 
 def child_time(args) -> dict:
     """Ours, peft's and the adapter-free floor in one process, steps interleaved (the order
-    rotates every step)."""
+    rotates every step), and the load other processes put on the machine meanwhile."""
     torch.set_num_threads(args.threads)
     impls = ["ours", "peft", "floor"]
     steps = {impl: make_step(args, *setup(args, impl)) for impl in impls}
@@ -109,10 +117,13 @@ def child_time(args) -> dict:
         for fn in steps.values():
             fn()
     times = {impl: [] for impl in impls}
-    for i in range(args.steps):
-        for impl in impls[i % 3:] + impls[:i % 3]:
-            times[impl].append(steps[impl]())
-    return times
+    with MachineLoad(gpu_index=0 if args.device == "cuda" else None) as load:
+        for i in range(args.steps):
+            for impl in impls[i % 3:] + impls[:i % 3]:
+                times[impl].append(steps[impl]())
+    r = load.reading
+    return {**times, "load": {"wall_s": r.wall_s, "cpus": r.cpus, "other_cpu_s": r.other_cpu_s,
+                              "gpu_others": r.gpu_others}}
 
 
 def child_mem(args) -> dict:
@@ -139,30 +150,63 @@ def run_child(args, mode: str, method: str, impl: str = "ours") -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def table(times: dict, mem: dict) -> str:
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+RATIOS = [  # (numerator, denominator, target for time(num)/time(den) or None)
+    (("lora", "ours"), ("lora", "peft"), 0.9),
+    (("dora", "ours"), ("lora", "ours"), 1.3),
+    (("dora", "peft"), ("lora", "peft"), None),
+    (("qlora", "ours"), ("lora", "ours"), 1.5),
+    (("qlora", "peft"), ("lora", "peft"), None)]
+
+
+def table(times: dict, mem: dict, checks: Checks) -> str:
+    """Times in ms/step as median [IQR]; every series's spread and the floor go through
+    `checks`."""
+    sp = {k: checks.spread(f"{k[0]} {k[1]} ms/step", spread(v)) for k, v in times.items()}
     rows = ["| method | ours ms/step | peft ms/step | ours/peft time | floor ms/step | "
             "peft's adapter share | ours peak MB | peft peak MB | ours/peft mem |",
             "|---|---|---|---|---|---|---|---|---|"]
     for m in METHODS:
         o, p, f = (m, "ours"), (m, "peft"), (m, "floor")
-        if o in med:
-            share = (med[p] - med[f]) / med[p]
-            rows.append(f"| {m} | {med[o]:.1f} | {med[p]:.1f} | {med[o] / med[p]:.2f} | "
-                        f"{med[f]:.1f} | {share:.0%} | {mem[o]:.0f} | {mem[p]:.0f} | "
-                        f"{mem[o] / max(mem[p], 1e-9):.2f} |")
+        if o not in sp:
+            continue
+        for impl in (o, p):
+            checks.not_faster_than_floor(f"{m} {impl[1]}", times[impl], times[f])
+        share = (sp[p].median - sp[f].median) / sp[p].median
+        rows.append(f"| {m} | {sp[o].fmt(1e3)} | {sp[p].fmt(1e3)} | "
+                    f"{ratio_of_medians(times[o], times[p]).fmt()} | {sp[f].fmt(1e3)} | "
+                    f"{share:.0%} | {mem[o]:.0f} | {mem[p]:.0f} | "
+                    f"{mem[o] / max(mem[p], 1e-9):.2f} |")
+    return "\n".join(rows + [
+        "", "times: median [inter-quartile range] over the interleaved steps; ratios: ratio of "
+        "medians [bootstrap 95% interval].",
+        "floor = the frozen base with backward through every layer and no adapter; "
+        "peft's adapter share = (peft - floor) / peft, the most any adapter code can save."])
 
-    def ratio(a, b, target=""):
-        r = f"{med[a] / med[b]:.2f}" if a in med and b in med else "n/a"
-        return f"{a[1]} {a[0]} / {b[1]} {b[0]}".ljust(26) + f"= {r}" + (f"  (target <= {target})" if target else "")
-    rows += ["", "floor = the frozen base with backward through every layer and no adapter; "
-             "peft's adapter share = (peft - floor) / peft, the most any adapter code can save.",
-             "", ratio(("lora", "ours"), ("lora", "peft"), "0.9"),
-             ratio(("dora", "ours"), ("lora", "ours"), "1.3"),
-             ratio(("dora", "peft"), ("lora", "peft")),
-             ratio(("qlora", "ours"), ("lora", "ours"), "1.5"),
-             ratio(("qlora", "peft"), ("lora", "peft"))]
-    return "\n".join(rows)
+
+def ratio_lines(times: dict) -> tuple[list[str], list[str]]:
+    """The figures (always printed) and the verdicts on their targets (printed if no check
+    failed)."""
+    figures, verdicts = [], []
+    for a, b, target in RATIOS:
+        name = f"{a[1]} {a[0]} / {b[1]} {b[0]}".ljust(26)
+        if a not in times or b not in times:
+            figures.append(f"{name}= n/a")
+            continue
+        r = ratio_of_medians(times[a], times[b])
+        figures.append(f"{name}= {r.fmt()}" + (f"  (target <= {target})" if target else ""))
+        if target:
+            verdicts.append(target_verdict(name.strip(), r, target, higher_is_better=False))
+    return figures, verdicts
+
+
+def report(times: dict, mem: dict, loads: dict[str, LoadReading]) -> str:
+    checks = Checks()
+    out = [table(times, mem, checks), ""]
+    for method, reading in loads.items():
+        checks.load(reading, f"while timing {method}")
+        out.append(describe_load(reading, f"while timing {method}"))
+    figures, verdicts = ratio_lines(times)
+    return "\n".join(out + [""] + figures + ["", checks.verdict("\n".join(verdicts))])
 
 
 def main(args) -> None:
@@ -170,21 +214,22 @@ def main(args) -> None:
         if args.model_dir is None:
             args.model_dir = tmp
             build_model_dir(args.shape, Path(tmp))
-        times, mem = {}, {}
+        times, mem, loads = {}, {}, {}
         for method in args.methods.split(","):
             t = run_child(args, "time", method)
+            loads[method] = LoadReading(**t["load"])
             times[(method, "floor")] = t["floor"]
             for impl in ("ours", "peft"):
                 times[(method, impl)] = t[impl]
                 # RSS peaks wobble by tens of MB run to run; the lowest of a few is the need.
                 mem[(method, impl)] = min(run_child(args, "mem", method, impl)["peak_mb"]
                                           for _ in range(args.mem_reps))
-                print(f"{method:6s} {impl:5s} median {statistics.median(t[impl]) * 1e3:8.1f} ms"
+                print(f"{method:6s} {impl:5s} {spread(t[impl]).fmt(1e3):>24s} ms"
                       f"  peak {mem[(method, impl)]:6.0f} MB", flush=True)
     print(f"\nshape={args.shape} dtype={args.dtype} device={args.device} threads={args.threads} "
           f"batch={args.batch}x{args.seq} r={args.rank} alpha={args.alpha} "
           f"dropout={args.dropout} steps={args.steps} (interleaved) warmup={args.warmup}\n")
-    print(table(times, mem))
+    print(report(times, mem, loads))
 
 
 def parse() -> argparse.Namespace:

@@ -1,13 +1,13 @@
 """Tokenizer loading and batching for classification data: a map-style split, a right-padding
-collator and a seeded DataLoader. Kept apart from `tasks.data` so training code can import it
+collator, a seeded DataLoader (optionally length-grouped) and a padding measure. Kept apart from `tasks.data` so training code can import it
 without the loading/validation machinery (and so neither file grows past a readable size)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 
 def load_tokenizer(name_or_path: str, revision: Optional[str] = None):
@@ -72,11 +72,83 @@ class Collator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of rows of similar length, so right padding shrinks; every row once per epoch.
+
+    As transformers' `LengthGroupedSampler`: shuffle all rows, cut the permutation into
+    mega-batches of `mega_batch_mult × batch_size` rows, sort each by length (longest first) and
+    cut it into batches. Unlike it, the order of the batches is shuffled too, so the longest
+    batch does not always come first and a batch's length does not follow from its position in
+    the epoch. One seeded generator, advanced every epoch, makes each epoch's order new and the
+    whole sequence of epochs reproducible, as `DataLoader(shuffle=True, generator=...)` does."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int,
+                 mega_batch_mult: Optional[int] = None):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        if mega_batch_mult is None:  # transformers' default: 50, or fewer to get 4 mega-batches
+            mega_batch_mult = max(1, min(len(self.lengths) // (batch_size * 4), 50))
+        self.mega_batch_size = mega_batch_mult * batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        batches = []
+        for start in range(0, len(perm), self.mega_batch_size):
+            # A stable sort: equal lengths keep their random order.
+            mega = sorted(perm[start:start + self.mega_batch_size],
+                          key=lambda i: self.lengths[i], reverse=True)
+            batches += [mega[j:j + self.batch_size] for j in range(0, len(mega), self.batch_size)]
+        order = torch.randperm(len(batches), generator=self.generator).tolist()
+        return iter([batches[i] for i in order])
+
+
+def sequence_lengths(split_data) -> list[int]:
+    if isinstance(split_data, SplitData):
+        return [len(ids) for ids in split_data.input_ids]
+    return [len(split_data[i]["input_ids"]) for i in range(len(split_data))]
+
+
 def make_loader(split_data: SplitData, batch_size: int, shuffle: bool, seed: int,
-                pad_token_id: int) -> DataLoader:
+                pad_token_id: int, group_by_length: bool = False) -> DataLoader:
     """A DataLoader whose shuffle order depends only on `seed` (its own generator, so other
     users of the global torch RNG cannot shift it). No worker processes: batches are tiny lists
-    of ints and workers would only add start-up time and nondeterminism."""
+    of ints and workers would only add start-up time and nondeterminism.
+
+    `group_by_length` (training only) batches rows of similar length together
+    (`LengthGroupedBatchSampler`), still shuffled under `seed`."""
+    collate = Collator(pad_token_id)
+    if group_by_length:
+        if not shuffle:
+            # Evaluation keeps file order: predictions are matched back to rows by position.
+            raise ValueError("group_by_length is for training loaders (shuffle=True) only")
+        sampler = LengthGroupedBatchSampler(sequence_lengths(split_data), batch_size, seed)
+        return DataLoader(split_data, batch_sampler=sampler, collate_fn=collate, num_workers=0)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(split_data, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=Collator(pad_token_id), num_workers=0)
+                      collate_fn=collate, num_workers=0)
+
+
+def padding_fraction(loader, max_batches: Optional[int] = None) -> float:
+    """Share of pad positions in `loader`'s batches (0 = no padding at all): one epoch, or the
+    first `max_batches` batches, epoch after epoch, as a training loop of that many steps sees
+    them.
+
+    It iterates the loader, so a shuffled loader's generator moves on: measure on a loader
+    built for the purpose (same seed), not on the one about to train."""
+    pads = total = seen = 0
+    while True:
+        for batch in loader:
+            mask = batch["attention_mask"]
+            total += mask.numel()
+            pads += mask.numel() - int(mask.sum())
+            seen += 1
+            if seen == max_batches:
+                return pads / max(total, 1)
+        if max_batches is None or seen == 0:
+            return pads / max(total, 1)

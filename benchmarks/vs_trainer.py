@@ -1,0 +1,339 @@
+"""Our training loop against transformers' Trainer: samples/s, tokens/s and final accuracy.
+
+    python benchmarks/vs_trainer.py [--model PATH] [--rounds 3] [--steps 30] [--batch-size 16]
+                                    [--group-by-length]
+
+The same on both sides: the model (loaded by `tasks.model.load_model`), the SST-2 rows
+(`tasks.data.tokenize_splits`), the batch size, the collator (`tasks.collate.Collator`: right
+padding), the optimiser and schedule (AdamW over `tasks.train.param_groups`, so weight decay on
+matrices only, and `get_scheduler` linear with the same warmup, both built here and handed to
+Trainer), clipping, fp32 on the CPU, the thread count, the seed and the number of steps. Full
+fine-tuning and LoRA (ours: `peft_modules`; Trainer's side: HF peft's `LoraConfig`, the usual
+pairing) run interleaved in one process, round after round, the order rotating every round.
+
+What differs: the data order. Ours comes from `make_loader`'s own seeded generator, Trainer's
+from its sampler (accelerate's seedable RandomSampler, or with `--group-by-length` transformers'
+LengthGroupedSampler, which puts the longest mega-batch first and does not shuffle batch order).
+Same rows and seed, other permutations, so padding differs a little: tokens/s counts real
+tokens only, on both sides. LoRA's A matrices are initialised by different code, too.
+
+Timing: the training steps only. Ours is `TrainResult.train_time_s`; Trainer's runs from
+`on_train_begin` to `on_step_end` of the last step (a callback), so loading, Trainer and
+accelerate set-up and evaluation are out on both sides. Trainer writes nothing while it trains:
+no saving, logging, evaluation, reporting or progress bar.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from benchmarks._noise import (Checks, describe_load, ratio_of_medians, spread,  # noqa: E402
+                               target_verdict)
+from tasks.machine_load import LoadReading, MachineLoad  # noqa: E402
+
+ORDER = [("ours", "full"), ("trainer", "full"), ("ours", "lora"), ("trainer", "lora")]
+TARGET = 1.2  # issue #11: ours >= 1.2x Trainer's samples/s on the CPU
+
+
+@dataclass
+class Run:
+    impl: str
+    method: str
+    samples: int
+    tokens: int  # real (non-pad) tokens trained on
+    positions: int  # padded positions trained on: tokens / positions = 1 - padding
+    time_s: float
+    accuracy: float
+    eval_loss: float
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.time_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.time_s
+
+
+def prepare(args, tmp: Path):
+    """The model folder (the tiny model, built, unless --model) and the tokenised rows."""
+    from tasks.config import DataConfig
+    from tasks.data import tokenize_splits
+    from tasks.tiny_model import make_tiny_model
+
+    model = args.model or str(make_tiny_model(tmp / "tiny-gpt2", Path(args.data)))
+    cfg = DataConfig(source=args.data, train_size=args.train_size, eval_size=args.eval_size,
+                     max_length=args.max_length, seed=args.seed)
+    return model, tokenize_splits(cfg, model)
+
+
+def load(args, model_path: str, data, method: str):
+    from tasks.config import MethodConfig, ModelConfig
+    from tasks.model import load_model
+
+    return load_model(ModelConfig(name_or_path=model_path), MethodConfig(name=method, method=method),
+                      data.num_labels, data.pad_token_id, torch.device("cpu"))
+
+
+def training_config(args):
+    from tasks.config import TrainingConfig
+
+    return TrainingConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                          scheduler="linear", warmup_ratio=args.warmup_ratio,
+                          weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                          seed=args.seed, device="cpu", precision="fp32")
+
+
+def evaluate(model, data) -> tuple[float, float]:
+    from tasks.evaluate import evaluate_model
+
+    m = evaluate_model(model, data.eval, data.num_labels, data.pad_token_id,
+                       torch.device("cpu")).metrics
+    return m["accuracy"], m["loss"]
+
+
+@contextlib.contextmanager
+def grouped_train_loader(on: bool):
+    """`train_model` with a length-grouped loader. Wiring `training.group_by_length` into
+    tasks/train.py is the lead engineer's part of issue #11; until that field exists, hand
+    train_model `make_loader(group_by_length=True)` for the length of the call."""
+    import tasks.train
+    from tasks.config import TrainingConfig
+
+    if not on or "group_by_length" in TrainingConfig.model_fields:
+        yield
+        return
+    original = tasks.train.make_loader
+    tasks.train.make_loader = functools.partial(original, group_by_length=True)
+    try:
+        yield
+    finally:
+        tasks.train.make_loader = original
+
+
+def run_ours(args, model_path: str, data, method: str) -> Run:
+    import peft_modules as pm
+    from tasks.collate import make_loader, padding_fraction
+    from tasks.train import train_model
+
+    # Seeded before loading: the fresh score head is drawn from the global RNG, and without this
+    # it would depend on whichever run came before in the rotation.
+    torch.manual_seed(args.seed)
+    model = load(args, model_path, data, method)
+    pm.inject_adapters(model, pm.AdapterSpec(method=method, rank=args.rank, alpha=args.alpha,
+                                             targets=["c_attn"]))
+    cfg = training_config(args)
+    if "group_by_length" in type(cfg).model_fields:
+        cfg = cfg.model_copy(update={"group_by_length": args.group_by_length})
+    with grouped_train_loader(args.group_by_length):
+        res = train_model(model, data.train, cfg, args.lr, data.pad_token_id, torch.device("cpu"))
+    # The same seed gives the same batches: their padding, measured on a twin loader.
+    twin = make_loader(data.train, args.batch_size, shuffle=True, seed=args.seed,
+                       pad_token_id=data.pad_token_id, group_by_length=args.group_by_length)
+    positions = round(res.tokens / (1 - padding_fraction(twin, max_batches=res.steps)))
+    return Run("ours", method, res.samples, res.tokens, positions, res.train_time_s,
+               *evaluate(model, data))
+
+
+class CountingCollator:
+    """Our collator, noting each batch's rows, real tokens and positions in the order made.
+    Batches are consumed in that order, so the first `steps` are the ones trained on (accelerate
+    makes one more ahead of time, to detect the end)."""
+
+    def __init__(self, pad_token_id: int):
+        from tasks.collate import Collator
+
+        self.inner, self.seen = Collator(pad_token_id), []
+
+    def __call__(self, batch):
+        out = self.inner(batch)
+        mask = out["attention_mask"]
+        self.seen.append((len(batch), int(mask.sum()), mask.numel()))
+        return out
+
+
+def step_timer():
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Wall time from the start of the training loop to the end of the last step."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == state.max_steps:
+                self.elapsed = time.perf_counter() - self.t0
+
+    return StepTimer()
+
+
+def trainer_args(args, out_dir: str):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=out_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        seed=args.seed, data_seed=args.seed, use_cpu=True, report_to=[], save_strategy="no",
+        eval_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        dataloader_pin_memory=False, remove_unused_columns=False, label_names=["labels"],
+        # transformers 5 spells `group_by_length=True` as this sampling strategy.
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random")
+
+
+def run_trainer(args, model_path: str, data, method: str) -> Run:
+    from peft import LoraConfig, get_peft_model
+    from transformers import PrinterCallback, Trainer, get_scheduler
+
+    from tasks.train import param_groups
+
+    torch.manual_seed(args.seed)  # the same score head as ours gets
+    model = load(args, model_path, data, method)
+    if method == "lora":
+        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=args.rank,
+                                                 lora_alpha=args.alpha, target_modules=["c_attn"]))
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
+    sched = get_scheduler("linear", opt, num_training_steps=args.steps,
+                          num_warmup_steps=int(args.warmup_ratio * args.steps))
+    collator, timer = CountingCollator(data.pad_token_id), step_timer()
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = Trainer(model=model, args=trainer_args(args, out_dir), train_dataset=data.train,
+                          data_collator=collator, optimizers=(opt, sched), callbacks=[timer])
+        trainer.remove_callback(PrinterCallback)  # it prints the end-of-training summary
+        torch.set_num_threads(args.threads)  # in case accelerate's set-up changed it
+        trainer.train()
+    rows, tokens, positions = (sum(x) for x in zip(*collator.seen[:args.steps]))
+    return Run("trainer", method, rows, tokens, positions, timer.elapsed, *evaluate(model, data))
+
+
+def run_rounds(args, model_path: str, data) -> tuple[list[Run], LoadReading]:
+    """Round k runs ORDER rotated by k, so neither side always goes first or last."""
+    runners = {"ours": run_ours, "trainer": run_trainer}
+    runs = []
+    with MachineLoad() as load:
+        for k in range(args.rounds):
+            for impl, method in ORDER[k % 4:] + ORDER[:k % 4]:
+                torch.set_num_threads(args.threads)
+                runs.append(runners[impl](args, model_path, data, method))
+                r = runs[-1]
+                print(f"round {k + 1}/{args.rounds}  {impl:7s} {method:4s} "
+                      f"{r.samples_per_s:8.1f} samples/s {r.tokens_per_s:9.0f} tokens/s  "
+                      f"accuracy {r.accuracy:.3f}", flush=True)
+    return runs, load.reading
+
+
+def accuracy_check(checks: Checks, method: str, ours: list[Run], theirs: list[Run],
+                   n_eval: int) -> str:
+    """Both sides train the same model the same way: accuracies should differ by no more than
+    two standard errors of a difference of two accuracies on n_eval rows."""
+    a = spread([r.accuracy for r in ours]).median
+    b = spread([r.accuracy for r in theirs]).median
+    p = min(max((a + b) / 2, 1 / n_eval), 1 - 1 / n_eval)
+    se = math.sqrt(2 * p * (1 - p) / n_eval)
+    checks.consistent(abs(a - b) <= 2 * se, f"{method}: accuracy ours {a:.3f} vs Trainer "
+                                            f"{b:.3f} differs by more than 2 s.e. ({2 * se:.3f})")
+    return (f"{method:4s} accuracy ours {a:.3f}  Trainer {b:.3f}  difference {a - b:+.3f} "
+            f"(2 s.e. = {2 * se:.3f} on {n_eval} rows)")
+
+
+def report(runs: list[Run], load: LoadReading, n_eval: int, batch_size: int,
+           random_padding: float | None) -> str:
+    checks, lines, verdicts = Checks(), [], []
+    lines += ["| method | impl | samples/s | tokens/s | padding | accuracy | eval loss |",
+              "|---|---|---|---|---|---|---|"]
+    by = {(i, m): [r for r in runs if (r.impl, r.method) == (i, m)] for i, m in ORDER}
+    for (impl, method), rs in by.items():
+        sps = checks.spread(f"{method} {impl} samples/s", spread([r.samples_per_s for r in rs]))
+        tps = spread([r.tokens_per_s for r in rs])
+        pad = 1 - sum(r.tokens for r in rs) / sum(r.positions for r in rs)
+        lines.append(f"| {method} | {impl} | {sps.fmt()} | {tps.fmt(digits=0)} | {pad:.1%} | "
+                     f"{spread([r.accuracy for r in rs]).median:.3f} | "
+                     f"{spread([r.eval_loss for r in rs]).median:.4f} |")
+    lines += ["", "median [inter-quartile range] over rounds; ratios: ratio of medians "
+              "[bootstrap 95% interval]", ""]
+    for method in ("full", "lora"):
+        ours, theirs = by[("ours", method)], by[("trainer", method)]
+        # Only an epoch's short last batch, placed differently, may make the counts differ.
+        checks.consistent(abs(ours[0].samples - theirs[0].samples) < batch_size,
+                          f"{method}: ours trained {ours[0].samples} rows, Trainer "
+                          f"{theirs[0].samples}")
+        r = ratio_of_medians([x.samples_per_s for x in ours], [x.samples_per_s for x in theirs])
+        t = ratio_of_medians([x.tokens_per_s for x in ours], [x.tokens_per_s for x in theirs])
+        lines.append(f"{method:4s} ours / Trainer  samples/s {r.fmt()}   tokens/s {t.fmt()}")
+        verdicts.append(target_verdict(f"{method} ours / Trainer samples/s", r, TARGET, True))
+    lines.append("")
+    lines += [accuracy_check(checks, m, by[("ours", m)], by[("trainer", m)], n_eval)
+              for m in ("full", "lora")]
+    if random_padding is not None:
+        left = {i: 1 - sum(r.tokens for r in runs if r.impl == i)
+                / sum(r.positions for r in runs if r.impl == i) for i in ("ours", "trainer")}
+        lines.append(f"\npadding: random batches {random_padding:.1%} of positions (ours, "
+                     f"ungrouped, same rows and seed); length-grouped: ours {left['ours']:.1%}, "
+                     f"Trainer {left['trainer']:.1%}; saved {random_padding - left['ours']:.1%} "
+                     f"and {random_padding - left['trainer']:.1%} of positions")
+    checks.load(load, "during the rounds")
+    lines += ["", describe_load(load, "during the rounds"), ""]
+    return "\n".join(lines + [checks.verdict("\n".join(verdicts))])
+
+
+def main(args) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # each load would print a report on the fresh score head
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path, data = prepare(args, Path(tmp))
+        runs, load = run_rounds(args, model_path, data)
+    random_padding = None
+    if args.group_by_length:
+        from tasks.collate import make_loader, padding_fraction
+        plain = make_loader(data.train, args.batch_size, shuffle=True, seed=args.seed,
+                            pad_token_id=data.pad_token_id)
+        random_padding = padding_fraction(plain, max_batches=args.steps)
+    print(f"\nmodel={args.model or 'tiny (built)'} rows={len(data.train)} train / "
+          f"{len(data.eval)} eval, max_length={args.max_length} batch={args.batch_size} "
+          f"steps={args.steps} rounds={args.rounds} threads={args.threads} lr={args.lr} "
+          f"group_by_length={args.group_by_length}\n")
+    print(report(runs, load, len(data.eval), args.batch_size, random_padding))
+
+
+def parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model folder (default: build the tiny one)")
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--group-by-length", action="store_true")
+    ap.add_argument("--train-size", type=int, default=2000)
+    ap.add_argument("--eval-size", type=int, default=400)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup-ratio", type=float, default=0.06)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--alpha", type=float, default=16)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--threads", type=int, default=2)
+    return ap.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse())
