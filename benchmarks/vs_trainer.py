@@ -25,8 +25,6 @@ no saving, logging, evaluation, reporting or progress bar.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import math
 import os
 import sys
@@ -107,25 +105,6 @@ def evaluate(model, data) -> tuple[float, float]:
     return m["accuracy"], m["loss"]
 
 
-@contextlib.contextmanager
-def grouped_train_loader(on: bool):
-    """`train_model` with a length-grouped loader. Wiring `training.group_by_length` into
-    tasks/train.py is the lead engineer's part of issue #11; until that field exists, hand
-    train_model `make_loader(group_by_length=True)` for the length of the call."""
-    import tasks.train
-    from tasks.config import TrainingConfig
-
-    if not on or "group_by_length" in TrainingConfig.model_fields:
-        yield
-        return
-    original = tasks.train.make_loader
-    tasks.train.make_loader = functools.partial(original, group_by_length=True)
-    try:
-        yield
-    finally:
-        tasks.train.make_loader = original
-
-
 def run_ours(args, model_path: str, data, method: str) -> Run:
     import peft_modules as pm
     from tasks.collate import make_loader, padding_fraction
@@ -137,11 +116,8 @@ def run_ours(args, model_path: str, data, method: str) -> Run:
     model = load(args, model_path, data, method)
     pm.inject_adapters(model, pm.AdapterSpec(method=method, rank=args.rank, alpha=args.alpha,
                                              targets=["c_attn"]))
-    cfg = training_config(args)
-    if "group_by_length" in type(cfg).model_fields:
-        cfg = cfg.model_copy(update={"group_by_length": args.group_by_length})
-    with grouped_train_loader(args.group_by_length):
-        res = train_model(model, data.train, cfg, args.lr, data.pad_token_id, torch.device("cpu"))
+    cfg = training_config(args).model_copy(update={"group_by_length": args.group_by_length})
+    res = train_model(model, data.train, cfg, args.lr, data.pad_token_id, torch.device("cpu"))
     # The same seed gives the same batches: their padding, measured on a twin loader.
     twin = make_loader(data.train, args.batch_size, shuffle=True, seed=args.seed,
                        pad_token_id=data.pad_token_id, group_by_length=args.group_by_length)

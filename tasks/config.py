@@ -91,6 +91,11 @@ class TrainingConfig(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast on CUDA")
     eval_batch_size: int = Field(64, gt=0)
     num_threads: Optional[int] = Field(None, gt=0, description="torch CPU threads")
+    group_by_length: bool = Field(
+        False, description="batch rows of similar length (shuffled chunks, sorted within): "
+        "less padding, as transformers' group_by_length")
+    fused_adamw: Optional[bool] = Field(
+        None, description="torch's fused AdamW kernel; default: on for CUDA, off elsewhere")
     timing_warmup_steps: int = Field(
         3, ge=0, description="first optimiser steps left out of the median step time")
     contamination_threshold: float = Field(

@@ -69,6 +69,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
+def use_fused(cfg: TrainingConfig, device: torch.device) -> Optional[bool]:
+    """torch's fused AdamW kernel (one launch for all tensors) on CUDA by default; elsewhere
+    only when asked. None lets torch choose its foreach implementation."""
+    want = cfg.fused_adamw if cfg.fused_adamw is not None else device.type == "cuda"
+    return True if want else None
+
+
 def total_steps(cfg: TrainingConfig, batches_per_epoch: int) -> int:
     if cfg.max_steps:
         return cfg.max_steps
@@ -107,9 +114,11 @@ def _gpu_index(device: torch.device) -> Optional[int]:
 
 def _train_loop(model, train, cfg, lr, pad_token_id, device, log, evaluate) -> TrainResult:
     torch.manual_seed(cfg.seed)
-    loader = make_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed, pad_token_id=pad_token_id)
+    loader = make_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                         pad_token_id=pad_token_id, group_by_length=cfg.group_by_length)
     steps = total_steps(cfg, len(loader))
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr,
+                            fused=use_fused(cfg, device))
     sched = get_scheduler(cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * steps),
                           num_training_steps=steps)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -43,6 +43,7 @@ KILL_SLOT = "gpu-kill"  # the concurrency slot of the kill test's runs
 WORKER_ENV = {"PREFECT_WORKER_QUERY_SECONDS": "2"}  # poll every 2 s, not 10
 SMALL = ["data.train_size=64", "data.eval_size=32", "data.max_length=32",
          "training.max_steps=3", "training.eval_every=null", "training.num_threads=1",
+         "training.seeds=[1]",
          "tracking.system_metrics_interval_s=1"]
 
 
@@ -401,19 +402,24 @@ def test_killed_processes_leave_crashed_runs_and_failed_mlflow_runs(live):
 
 
 def test_fan_out_to_two_workers_and_rerun_after_the_kill(live):
-    """`dispatch: deployments`: four methods, four finetune flow runs, spread over the two
-    GPU-pool workers (restarted after the previous test: re-running works)."""
-    fid = live.trigger(live.small("dispatch=deployments", "concurrency.limit=2"))
+    """`dispatch: deployments`: two methods x two seeds, four finetune flow runs, spread over
+    the two GPU-pool workers (restarted after the previous test: re-running works)."""
+    fid = live.trigger(live.small("dispatch=deployments", "concurrency.limit=2",
+                                  "training.seeds=[1,2]"), methods=["full", "lora"])
     run = live.wait(fid, timeout=240)
     assert run["state_type"] == "COMPLETED", "\n".join(live.logs(fid)[-30:])
     parent = live.parent_run(fid)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["peft_bench.failed_methods"] == ""
-    kids = live.children(parent.info.run_id)
-    assert sorted(kids) == ["dora", "full", "lora", "qlora"]
+    runs = live.runs(f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted((r.data.tags["peft_bench.method"], r.data.tags["peft_bench.seed"])
+                  for r in runs) == [("full", "1"), ("full", "2"), ("lora", "1"), ("lora", "2")]
+    kids = {r.info.run_id: r for r in runs}
     assert all(r.info.status == "FINISHED" for r in kids.values())
     flow_runs = {r.data.tags["prefect.flow_run_id"] for r in kids.values()}
-    assert len(flow_runs) == 4 and fid not in flow_runs  # one flow run per method
+    assert len(flow_runs) == 4 and fid not in flow_runs  # one flow run per (method, seed)
+    aggregates = live.runs(f"tags.`peft_bench.benchmark_run` = '{parent.info.run_id}'")
+    assert sorted(r.data.metrics["n_seeds"] for r in aggregates) == [2, 2]
     for child in flow_runs:
         fr = live.flow_run(child)
         assert fr["state_type"] == "COMPLETED"

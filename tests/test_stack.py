@@ -177,3 +177,25 @@ def test_work_pool_templates_parse():
         for var in tpl["variables"]["properties"]:
             text = text.replace("{{ %s }}" % var, "")
         assert "{{" not in text
+
+
+def test_automations_parse_and_match_what_the_flow_emits():
+    from prefect.events.schemas.automations import AutomationCore
+
+    from tasks import names
+
+    for path in ("deploy/crash-zombie-flow-runs.yaml", "deploy/notify-on-regression.yaml"):
+        AutomationCore.model_validate(yaml.safe_load((ROOT / path).read_text()))
+    notify = yaml.safe_load((ROOT / "deploy/notify-on-regression.yaml").read_text())
+    assert notify["trigger"]["expect"] == [names.REGRESSION_EVENT]
+    assert notify["trigger"]["match"]["prefect.resource.id"] == "peft-bench.benchmark.*"
+    assert "event.payload.markdown" in notify["actions"][0]["body"]
+
+
+def test_nightly_config_repeats_and_alarms():
+    from tasks.config import load_config
+
+    cfg = load_config(ROOT / "configs/sst2-gpt2.yaml")
+    assert len(cfg.training.run_seeds) >= 3 and cfg.regression.enabled
+    quick = load_config(ROOT / "configs/quickstart.yaml")
+    assert len(quick.training.run_seeds) >= 2
