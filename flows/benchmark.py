@@ -1,7 +1,10 @@
-"""The benchmark flow: validate → prepare data once → one `finetune` child per method → report.
+"""The benchmark flow: validate → prepare data once → one `finetune` child per (method, seed)
+→ aggregates and the regression check → report.
 
 Bad config or data fails here, before any model is loaded and before any MLflow run exists.
-A failing method is recorded FAILED and the others go on; the report shows it as failed.
+A failing run is recorded FAILED and the others go on; the report shows it as failed. With
+`resume`, the flow takes up an earlier benchmark's parent run: finished runs are left alone,
+the others continue from their last checkpoint in the same MLflow runs.
 """
 from __future__ import annotations
 
@@ -15,10 +18,14 @@ from transformers import AutoConfig
 from flows.finetune import finetune, prefect_tags
 from tasks import names, tracking
 from tasks.conclude import conclude_task
-from tasks.config import BenchConfig, ConfigError, build_config, fingerprint, load_config
-from tasks.data import DataSummary, prepare_dataset, validate_data
-from tasks.model import check_model_source, resolve_device
+from tasks.config import (BenchConfig, ConfigError, build_config, fingerprint, load_config,
+                          public_dump, revealed)
+from tasks.data import DataSummary, prepare_dataset
+from tasks.lifecycle import close_stale_runs, reopen
+from tasks.model import resolve_device
+from tasks.preflight import check_heavy, check_light
 from tasks.report import generate_report_task
+from tasks.secrets import redact
 
 
 def resolve_config(config_path: Optional[str] = None, overrides: Optional[list[str]] = None,
@@ -36,14 +43,17 @@ def resolve_config(config_path: Optional[str] = None, overrides: Optional[list[s
 
 @task(name="validate", cache_policy=NO_CACHE)
 def preflight(cfg: BenchConfig) -> DataSummary:
-    """Everything that can be checked without loading a model."""
-    resolve_device(cfg.training)
-    check_model_source(cfg.model)
-    summary = validate_data(cfg.data)
-    tracking.check_reachable(cfg.tracking)
+    """Everything that can be checked without loading model weights (tasks/preflight.py),
+    then the runs that killed processes left RUNNING are closed."""
+    summary = check_light(cfg)
+    skipped = check_heavy(cfg)
+    if skipped:
+        get_run_logger().warning(skipped)
     if cfg.dispatch == "deployments":
         from flows.dispatch import check_deployment
         check_deployment(cfg)
+    for run_id in close_stale_runs(cfg.tracking):
+        get_run_logger().warning("closed stale MLflow run %s (its process is gone)", run_id)
     return summary
 
 
@@ -64,8 +74,10 @@ def random_init(cfg: BenchConfig) -> bool:
     return bool(getattr(mc, "peft_bench_random_init", False))
 
 
-def start_parent_run(cfg: BenchConfig, data_digest: str, source: str) -> str:
-    params = {**tracking.flatten(cfg.model_dump(mode="json")),
+def start_parent_run(cfg: BenchConfig, data_digest: str, source: str,
+                     summary: DataSummary) -> str:
+    params = {**tracking.flatten(public_dump(cfg)),
+              "data.rows.train": str(summary.train_rows), "data.rows.eval": str(summary.eval_rows),
               **{f"versions.{k}": v for k, v in tracking.versions().items()}}
     tags = {names.ROLE: names.ROLE_PARENT, names.BENCHMARK: cfg.name,
             names.METHODS: ",".join(m.name for m in cfg.methods), names.REFERENCE: cfg.reference,
@@ -80,10 +92,24 @@ def run_key(method: str, seed: int) -> str:
     return f"{method}/seed={seed}"
 
 
+def resume_parent(cfg: BenchConfig, parent_run_id: str) -> str:
+    """Take up an earlier benchmark's parent run: same config fingerprint, reopened RUNNING."""
+    run = tracking.client(cfg.tracking).get_run(parent_run_id)
+    if run.data.tags.get(names.ROLE) != names.ROLE_PARENT:
+        raise ConfigError(f"resume: run {parent_run_id} is not a benchmark parent run")
+    theirs, ours = run.data.tags.get(names.CONFIG_HASH), fingerprint(cfg)
+    if theirs != ours:
+        raise ConfigError(f"resume: run {parent_run_id} measured another config (fingerprint "
+                          f"{theirs}, this one {ours}); only seeds, dispatch and outputs may "
+                          "change on a resume")
+    reopen(cfg.tracking, parent_run_id)
+    return parent_run_id
+
+
 def run_local(cfg: BenchConfig, parent_run_id: str) -> dict[str, str]:
     """Each (method, seed) as an in-process child flow run, one after another, the method
     order rotating from one seed to the next."""
-    states, config = {}, cfg.model_dump(mode="json")
+    states, config = {}, public_dump(cfg)
     for _, seed, name in cfg.runs():
         run = finetune.with_options(flow_run_name=f"{cfg.name}-{name}-seed{seed}")
         state = run(config=config, method_name=name, parent_run_id=parent_run_id, seed=seed,
@@ -98,6 +124,10 @@ def failed_tags(cfg: BenchConfig, states: dict[str, str]) -> dict[str, str]:
     failed = sorted(k for k, s in states.items() if s != "COMPLETED")
     methods = sorted({k.split("/seed=")[0] for k in failed})
     return {names.FAILED_METHODS: ",".join(methods), names.FAILED_RUNS: ",".join(failed)}
+
+
+class AllRunsFailed(RuntimeError):
+    """No (method, seed) run finished: nothing was measured, so the benchmark failed."""
 
 
 class RegressionError(RuntimeError):
@@ -115,8 +145,8 @@ def fail_mlflow_runs(flow, flow_run, state) -> None:
     `dispatch: local`, the child run of the method it was training. The worker runs it, with
     keyword arguments, when the flow-run process is gone."""
     p = flow_run.parameters
-    cfg = resolve_config(p.get("config_path"), p.get("overrides"), p.get("config"),
-                         p.get("methods"))
+    cfg = revealed(resolve_config(p.get("config_path"), p.get("overrides"), p.get("config"),
+                                  p.get("methods")))
     why = f"flow run {state.name}: {state.message}"
     for parent in tracking.fail_open_runs(cfg.tracking, str(flow_run.id), why):
         tracking.fail_open_children(cfg.tracking, parent, why)
@@ -125,14 +155,19 @@ def fail_mlflow_runs(flow, flow_run, state) -> None:
 @flow(name="benchmark", log_prints=True, on_crashed=[fail_mlflow_runs],
       on_cancellation=[fail_mlflow_runs])
 def benchmark(config_path: Optional[str] = None, overrides: Optional[list[str]] = None,
-              config: Optional[dict] = None, methods: Optional[list[str]] = None) -> dict[str, Any]:
-    cfg = resolve_config(config_path, overrides, config, methods)
+              config: Optional[dict] = None, methods: Optional[list[str]] = None,
+              resume: Optional[str] = None) -> dict[str, Any]:
+    cfg = revealed(resolve_config(config_path, overrides, config, methods))
     summary = preflight(cfg)
     data = prepare_dataset(cfg.data, cfg.model.name_or_path, cfg.model.revision)
-    parent = start_parent_run(cfg, data.digest, data.source)
+    if resume:
+        parent = resume_parent(cfg, resume)
+    else:
+        parent = start_parent_run(cfg, data.digest, redact(data.source), summary)
     logger = get_run_logger()
-    logger.info("MLflow parent run %s (%s): %d method(s) x %d seed(s)", parent,
-                cfg.tracking.tracking_uri, len(cfg.methods), len(cfg.training.run_seeds))
+    logger.info("MLflow parent run %s%s (%s): %d method(s) x %d seed(s)", parent,
+                " (resumed)" if resume else "", redact(cfg.tracking.tracking_uri),
+                len(cfg.methods), len(cfg.training.run_seeds))
     with tracking.closing_run(cfg.tracking, parent):
         tracking.log_config(parent, cfg)
         ensure_gpu_limit(cfg)
@@ -143,14 +178,17 @@ def benchmark(config_path: Optional[str] = None, overrides: Optional[list[str]] 
             states = run_local(cfg, parent)
         tags = failed_tags(cfg, states)
         tracking.set_tags(parent, cfg.tracking, tags)
+        all_failed = bool(states) and all(s != "COMPLETED" for s in states.values())
         check = conclude_task(cfg, parent)
         report = generate_report_task(parent, cfg.tracking.tracking_uri, Path(cfg.report.output_dir))
+        if all_failed:  # the parent is FAILED too, after the report says why
+            raise AllRunsFailed(f"every run failed: {tags[names.FAILED_RUNS]}")
     logger.info("report: %s", report.html_path)
     result = {"parent_run_id": parent, "states": states,
               "failed": [k for k in tags[names.FAILED_RUNS].split(",") if k],
               "regressions": [f.message for f in check.flags] if check else [],
               "report_html": str(report.html_path), "report_md": str(report.markdown_path),
-              "tracking_uri": cfg.tracking.tracking_uri, "train_rows": summary.train_rows,
+              "tracking_uri": redact(cfg.tracking.tracking_uri), "train_rows": summary.train_rows,
               "eval_rows": summary.eval_rows}
     if check and check.flags and cfg.regression.fail_on_regression:
         raise RegressionError("regression.fail_on_regression: " + "; ".join(result["regressions"]),

@@ -9,7 +9,6 @@ import typer
 from rich.console import Console
 
 from flows.stack import stack_app
-from tasks.config import ConfigError
 
 app = typer.Typer(help="peft-bench: Full fine-tuning vs LoRA vs DoRA vs QLoRA, with Prefect "
                        "and MLflow.", no_args_is_help=True)
@@ -46,31 +45,58 @@ def show_benchmark(tracking_uri: str, parent_run_id: str, baseline: Optional[str
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    from tasks.secrets import redact
+
+    console.print(f"[red]error:[/red] {redact(message)}", highlight=False)
     raise typer.Exit(code)
 
 
 @app.command()
-def run(config: Path = typer.Argument(..., help="benchmark YAML, e.g. configs/quickstart.yaml"),
+def run(config: Optional[Path] = typer.Argument(
+            None, help="benchmark YAML, e.g. configs/quickstart.yaml (not with --resume)"),
         methods: Optional[str] = typer.Option(None, help="comma-separated method names to run"),
-        set_: list[str] = typer.Option([], "--set", help="override, e.g. training.lr=1e-4")) -> None:
+        set_: list[str] = typer.Option([], "--set", help="override, e.g. training.lr=1e-4"),
+        resume: Optional[str] = typer.Option(
+            None, help="continue an interrupted benchmark: its parent run id"),
+        server_timeout: Optional[float] = typer.Option(
+            None, help="seconds to wait for the temporary Prefect server (default 120)")) -> None:
     """Run a benchmark: every method under every seed, then the report. Exit 1 if a run
-    failed, 3 if a regression was flagged with regression.fail_on_regression."""
-    from flows.benchmark import RegressionError, benchmark, resolve_config
+    failed, 2 on bad input, 3 if a regression was flagged with regression.fail_on_regression,
+    4 if the MLflow store or the Prefect server cannot be reached or started."""
+    from flows import launch
+    from tasks.secrets import install_log_filter
 
+    install_log_filter()
     selected = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-    try:  # validate here first, so bad input never starts a flow run
-        resolve_config(str(config), set_, methods=selected)
-    except ConfigError as e:
-        _fail(str(e))
+    masked = launch.mask_overrides(set_)
+    try:  # everything that can be checked is checked before a server or a flow starts
+        cfg, as_dict = launch.load(config, set_, selected, resume)
+        launch.check(cfg, lambda line: console.print(f"[yellow]{line}[/yellow]", highlight=False))
+        launch.server(server_timeout)
+    except launch.LaunchError as e:
+        _fail(str(e), code=e.code)
+    _run_flow(cfg, config, as_dict, masked, selected, resume)
+
+
+def _run_flow(cfg, config: Optional[Path], as_dict: Optional[dict], masked: list[str],
+              selected: Optional[list[str]], resume: Optional[str]) -> None:
+    from flows.benchmark import AllRunsFailed, RegressionError, benchmark
+    from tasks.config import public_dump
+    from tasks.secrets import redact
+
     regressed = False
+    source = ({"config_path": str(config)} if config is not None
+              else {"config": public_dump(cfg)})
     try:
-        result = benchmark(config_path=str(config), overrides=set_, methods=selected)
+        result = benchmark(**source, overrides=masked if config is not None else None,
+                           methods=selected if config is not None else None, resume=resume)
     except RegressionError as e:
         result, regressed = e.result, True
-    except (ValueError, ConnectionError) as e:  # data/config/tracking errors from preflight
-        _fail(str(e))
-    show_benchmark(result["tracking_uri"], result["parent_run_id"])
+    except AllRunsFailed as e:
+        _fail(f"{e}; see the report and `peft-bench compare`", code=1)
+    except (ValueError, ConnectionError) as e:  # checks the flow repeats for deployments
+        _fail(redact(str(e)))
+    show_benchmark(cfg.tracking.tracking_uri, result["parent_run_id"])
     console.print(f"report:  {result['report_html']}\n         {result['report_md']}")
     console.print(f"MLflow:  parent run {result['parent_run_id']}; open the UI with\n"
                   f"         mlflow ui --backend-store-uri {result['tracking_uri']}")
@@ -78,6 +104,23 @@ def run(config: Path = typer.Argument(..., help="benchmark YAML, e.g. configs/qu
         _fail(f"failed runs: {', '.join(result['failed'])}", code=1)
     if regressed:
         _fail("regression flagged and regression.fail_on_regression is set", code=3)
+
+
+@app.command("close-stale")
+def close_stale(experiment: Optional[str] = typer.Option(None, help="MLflow experiment name"),
+                tracking_uri: Optional[str] = typer.Option(None, help="defaults to mlflow.yaml / env")) -> None:
+    """Close as FAILED every RUNNING run whose process is gone (killed, out of memory), and stop
+    temporary Prefect servers whose owner is gone."""
+    from flows.tempserver import reap_orphans
+    from tasks.config import TrackingConfig
+    from tasks.lifecycle import close_stale_runs
+
+    uri, exp = _tracking(tracking_uri, experiment)
+    closed = close_stale_runs(TrackingConfig(tracking_uri=uri, experiment=exp))
+    for run_id in closed:
+        console.print(f"closed stale run {run_id}")
+    servers = reap_orphans()
+    console.print(f"{len(closed)} stale run(s) closed, {len(servers)} orphaned server(s) stopped")
 
 
 def _tracking(tracking_uri: Optional[str], experiment: Optional[str]) -> tuple[str, str]:

@@ -31,7 +31,7 @@ from prefect.settings import get_current_settings
 from prefect.states import Crashed
 
 from tasks import tracking
-from tasks.config import BenchConfig, ConfigError
+from tasks.config import BenchConfig, ConfigError, public_dump
 
 POLL_S = 2.0
 HEARTBEAT = "prefect.flow-run.heartbeat"
@@ -123,7 +123,7 @@ def run_deployments(cfg: BenchConfig, parent_run_id: str) -> dict[str, str]:
     from flows.benchmark import run_key
 
     logger = get_run_logger()
-    config = cfg.model_dump(mode="json")
+    config = public_dump(cfg)  # parameters are stored by Prefect: no credentials
     started = {}
     for _, seed, name in cfg.runs():
         run = run_deployment(cfg.finetune_deployment, timeout=0, as_subflow=True,

@@ -18,13 +18,15 @@ from prefect.concurrency.sync import concurrency
 from prefect.runtime import deployment, flow_run
 
 import peft_modules as pm
-from tasks import names, tracking
-from tasks.config import BenchConfig, MethodConfig
+from tasks import checkpoint, names, tracking
+from tasks.config import BenchConfig, MethodConfig, public_dump, revealed
+from tasks.lifecycle import owner_alive, reopen
+from tasks.secrets import redact
 from tasks.data import PreparedData, prepare_dataset
 from tasks.evaluate import EvalResult, evaluate_task, plot_confusion
 from tasks.memory import PeakMemory
 from tasks.model import inject_adapter_task, load_model_task, resolve_device, saved_size_mb
-from tasks.train import TrainResult, train_task
+from tasks.train import CheckpointPlan, NonFiniteError, TrainResult, train_task
 
 
 def prefect_tags() -> dict[str, str]:
@@ -48,7 +50,7 @@ def get_method(cfg: BenchConfig, name: str) -> MethodConfig:
 
 def start_child_run(cfg: BenchConfig, method: MethodConfig, parent_run_id: str,
                     device: torch.device) -> str:
-    shared = cfg.model_dump(mode="json", exclude={"methods"})
+    shared = {k: v for k, v in public_dump(cfg).items() if k != "methods"}
     params = {**tracking.flatten(shared),
               **tracking.flatten(method.model_dump(mode="json"), "method."),
               "method.effective_lr": str(method.lr or cfg.training.lr)}
@@ -92,8 +94,16 @@ def train_and_measure(cfg: BenchConfig, method: MethodConfig, data: PreparedData
             log_eval(run_id, cfg, evaluate(cfg, model, data, device), step)
 
         result = train_task(model, data.train, cfg.training, method.lr or cfg.training.lr,
-                            data.pad_token_id, str(device), log_fn, eval_fn)
+                            data.pad_token_id, str(device), log_fn, eval_fn,
+                            checkpoint_plan(cfg, run_id))
     return model, summary, result, mem.peak_mb, model_size_mb
+
+
+def checkpoint_plan(cfg: BenchConfig, run_id: str) -> Optional[CheckpointPlan]:
+    """Checkpoints go to <training.checkpoint_dir>/<MLflow run id>: a resume of the same run
+    finds them, whichever process or worker picks it up (given a shared folder)."""
+    every = cfg.training.checkpoint_every
+    return CheckpointPlan(Path(cfg.training.checkpoint_dir) / run_id, every) if every else None
 
 
 def log_outputs(run_id: str, cfg: BenchConfig, method: MethodConfig, model, ev: EvalResult,
@@ -112,12 +122,19 @@ def log_outputs(run_id: str, cfg: BenchConfig, method: MethodConfig, model, ev: 
 
 
 def run_method(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_id: str,
-               device: torch.device) -> dict[str, float]:
-    torch.manual_seed(cfg.training.seed)
-    for role, df in (("train", data.train_df()), ("eval", data.eval_df())):
-        tracking.log_dataset(run_id, cfg.tracking, df, f"{cfg.name}-{role}", data.source, role)
-    model, summary, res, peak_mb, model_size_mb = train_and_measure(cfg, method, data, run_id, device)
-    ev = evaluate(cfg, model, data, device, with_texts=True)
+               device: torch.device, resumed: bool = False) -> dict[str, float]:
+    torch.manual_seed(cfg.training.seed)  # head and adapter init follow the seed
+    if not resumed:
+        for role, df in (("train", data.train_df()), ("eval", data.eval_df())):
+            tracking.log_dataset(run_id, cfg.tracking, df, f"{cfg.name}-{role}",
+                                 redact(data.source), role)
+    try:
+        model, summary, res, peak_mb, model_size_mb = train_and_measure(cfg, method, data,
+                                                                        run_id, device)
+        ev = evaluate(cfg, model, data, device, with_texts=True)
+    except NonFiniteError:  # a diverged run's checkpoints would only diverge again
+        checkpoint.clear(Path(cfg.training.checkpoint_dir) / run_id)
+        raise
     log_eval(run_id, cfg, ev, res.steps)
     with tempfile.TemporaryDirectory() as tmp:
         adapter_mb = log_outputs(run_id, cfg, method, model, ev, Path(tmp))
@@ -125,6 +142,10 @@ def run_method(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_i
     tracking.log_metrics(run_id, cfg.tracking, summary_metrics, res.steps)
     tracking.log_history(run_id, cfg.tracking, names.STEP_TIME, res.step_times)
     tracking.set_tags(run_id, cfg.tracking, timing_tags(method.name, res, cfg))
+    if res.resumed_from is not None:
+        tracking.set_tags(run_id, cfg.tracking, {names.RESUMED: str(res.resumed_from)})
+    if not cfg.training.keep_checkpoints:
+        checkpoint.clear(Path(cfg.training.checkpoint_dir) / run_id)
     return summary_metrics
 
 
@@ -186,9 +207,27 @@ def fail_mlflow_run(flow, flow_run, state) -> None:
     """on_crashed/on_cancellation hook: a crashed flow run (worker killed, SIGTERM) must not
     leave its MLflow run RUNNING. The parameter names matter: when the flow-run process was
     killed, the worker runs the hook and passes `flow=`, `flow_run=`, `state=` by keyword."""
-    cfg = BenchConfig.model_validate(flow_run.parameters["config"])
+    cfg = revealed(BenchConfig.model_validate(flow_run.parameters["config"]))
     tracking.fail_open_runs(cfg.tracking, str(flow_run.id),
                             f"flow run {state.name}: {state.message}")
+
+
+def finished_metrics(run) -> dict[str, float]:
+    return {k: v for k, v in run.data.metrics.items() if k in names.CHILD_METRICS.values()}
+
+
+def open_child_run(cfg: BenchConfig, method: MethodConfig, parent_run_id: str,
+                   device: torch.device, existing) -> str:
+    """A new child run, or the earlier one of the same (method, seed), reopened (a resume or a
+    Prefect retry): never one that a live process is still training."""
+    if existing is None:
+        return start_child_run(cfg, method, parent_run_id, device)
+    owner = existing.data.tags.get(names.OWNER, "")
+    if existing.info.status == "RUNNING" and owner and owner_alive(owner):
+        raise RuntimeError(f"method {method.name}, seed {cfg.training.seed}: MLflow run "
+                           f"{existing.info.run_id} is being trained by {owner}; not touching it")
+    reopen(cfg.tracking, existing.info.run_id)
+    return existing.info.run_id
 
 
 @flow(name="finetune", log_prints=True, on_crashed=[fail_mlflow_run],
@@ -197,7 +236,7 @@ def finetune(config: dict, method_name: str, parent_run_id: str,
              seed: Optional[int] = None) -> dict[str, float]:
     """Fine-tune and evaluate one method under one seed (default: training.seed); its MLflow
     run ends FINISHED or FAILED. Data order, adapter init and head init follow the seed."""
-    cfg = BenchConfig.model_validate(config)
+    cfg = revealed(BenchConfig.model_validate(config))
     if seed is not None:
         cfg = cfg.for_seed(seed)
     method = get_method(cfg, method_name)
@@ -205,10 +244,16 @@ def finetune(config: dict, method_name: str, parent_run_id: str,
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
     tracking.check_reachable(cfg.tracking)
+    logger = get_run_logger()
+    existing = tracking.find_child(cfg.tracking, parent_run_id, method.name, cfg.training.seed)
+    if existing is not None and existing.info.status == "FINISHED":
+        logger.info("method %s, seed %s: already FINISHED in MLflow run %s, left alone",
+                    method.name, cfg.training.seed, existing.info.run_id)
+        return finished_metrics(existing)
     data = prepare_dataset(cfg.data, cfg.model.name_or_path, cfg.model.revision)
     with gpu_slot(cfg):  # waiting for the GPU is not part of the method's run
-        run_id = start_child_run(cfg, method, parent_run_id, device)
-        get_run_logger().info("method %s, seed %s: MLflow run %s", method.name,
-                              cfg.training.seed, run_id)
+        run_id = open_child_run(cfg, method, parent_run_id, device, existing)
+        logger.info("method %s, seed %s: MLflow run %s%s", method.name, cfg.training.seed,
+                    run_id, " (resumed)" if existing is not None else "")
         with tracking.closing_run(cfg.tracking, run_id, system_metrics=True):
-            return run_method(cfg, method, data, run_id, device)
+            return run_method(cfg, method, data, run_id, device, resumed=existing is not None)

@@ -128,7 +128,11 @@ def make_loader(split_data: SplitData, batch_size: int, shuffle: bool, seed: int
             # Evaluation keeps file order: predictions are matched back to rows by position.
             raise ValueError("group_by_length is for training loaders (shuffle=True) only")
         sampler = LengthGroupedBatchSampler(sequence_lengths(split_data), batch_size, seed)
-        return DataLoader(split_data, batch_sampler=sampler, collate_fn=collate, num_workers=0)
+        # The loader draws its iterator's base seed from `generator` (else from the global
+        # RNG, which would shift dropout): one generator for both keeps the run reproducible
+        # and its state at an epoch start is all a resume needs.
+        return DataLoader(split_data, batch_sampler=sampler, collate_fn=collate, num_workers=0,
+                          generator=sampler.generator)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(split_data, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       collate_fn=collate, num_workers=0)

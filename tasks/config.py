@@ -43,7 +43,10 @@ class DataConfig(_Strict):
     subset: Literal["random", "first"] = Field(
         "random", description="how train_size/eval_size pick rows: a seeded sample or the first")
     max_length: int = Field(128, ge=2, le=8192)
-    num_labels: Optional[int] = Field(None, ge=2, description="inferred from the data if unset")
+    num_labels: Optional[int] = Field(
+        None, ge=2, description="number of classes; inferred from the training split if unset")
+    allow_smaller: bool = Field(
+        False, description="accept train_size/eval_size above the rows available (all are used)")
     seed: int = 42
 
 
@@ -96,6 +99,11 @@ class TrainingConfig(_Strict):
         "less padding, as transformers' group_by_length")
     fused_adamw: Optional[bool] = Field(
         None, description="torch's fused AdamW kernel; default: on for CUDA, off elsewhere")
+    checkpoint_every: Optional[int] = Field(
+        200, gt=0, description="optimiser steps between checkpoints; null: none")
+    checkpoint_dir: Path = Field(Path(".checkpoints"),
+                                 description="checkpoints go to <checkpoint_dir>/<MLflow run id>")
+    keep_checkpoints: bool = Field(False, description="keep them after a run finishes")
     timing_warmup_steps: int = Field(
         3, ge=0, description="first optimiser steps left out of the median step time")
     contamination_threshold: float = Field(
@@ -293,6 +301,12 @@ def load_config(path: str | Path, overrides: list[str] = (),
     return build_config(raw, str(path), overrides, mlflow_yaml)
 
 
+def cache_root() -> Path:
+    """peft-bench's own cache (prepared data, temporary-server records): PEFT_BENCH_CACHE, else
+    ~/.cache/peft-bench."""
+    return Path(os.environ.get("PEFT_BENCH_CACHE", Path.home() / ".cache" / "peft-bench"))
+
+
 def looks_local(name_or_path: str) -> bool:
     """A hub id is `org/name` or `name`; anything that exists, or starts like a path, is local."""
     p = Path(name_or_path).expanduser()
@@ -302,7 +316,8 @@ def looks_local(name_or_path: str) -> bool:
 # What a config fingerprint leaves out: the seeds (repeats of the same experiment), where the
 # work runs (dispatch, concurrency), where results go (tracking, report) and the alarm's own
 # thresholds. Two benchmarks with the same fingerprint measure the same thing.
-_FINGERPRINT_EXCLUDE = {"training": {"seed", "seeds"}, "dispatch": True,
+_FINGERPRINT_EXCLUDE = {"training": {"seed", "seeds", "checkpoint_every", "checkpoint_dir",
+                                     "keep_checkpoints"}, "dispatch": True,
                         "finetune_deployment": True, "concurrency": True, "tracking": True,
                         "report": True, "regression": True}
 
@@ -314,3 +329,36 @@ def fingerprint(cfg: BenchConfig) -> str:
 
     tree = cfg.model_dump(mode="json", exclude=_FINGERPRINT_EXCLUDE)
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Config fields that may hold credentials (a database URI, a private hub mirror, a signed URL).
+SECRET_FIELDS = (("tracking", "tracking_uri"), ("model", "name_or_path"), ("data", "source"))
+
+
+def public_dump(cfg: BenchConfig) -> dict:
+    """The config as JSON with credentials masked: what flow parameters, MLflow params and the
+    logged config.yaml hold. The real values are remembered in this process (`revealed`)."""
+    from tasks.secrets import redact_tree, register
+
+    for section, field in SECRET_FIELDS:
+        register(getattr(getattr(cfg, section), field))
+    return redact_tree(cfg.model_dump(mode="json"))
+
+
+def revealed(cfg: BenchConfig) -> BenchConfig:
+    """The config with masked credentials put back, where this process knows them; the
+    environment's MLFLOW_TRACKING_URI (a worker's) wins for the store, as everywhere."""
+    from tasks.secrets import MASK, reveal
+
+    update = {}
+    for section, field in SECRET_FIELDS:
+        part = getattr(cfg, section)
+        value = reveal(getattr(part, field))
+        if section == "tracking" and os.environ.get("MLFLOW_TRACKING_URI"):
+            value = os.environ["MLFLOW_TRACKING_URI"]
+        if MASK in value and value == getattr(part, field):
+            raise ConfigError(f"{section}.{field}: holds masked credentials ({value}) that this "
+                              "process does not know; give the real value through the "
+                              "environment (MLFLOW_TRACKING_URI) or --set")
+        update[section] = part.model_copy(update={field: value})
+    return cfg.model_copy(update=update)

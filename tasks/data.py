@@ -1,58 +1,26 @@
-"""Load, validate, subset and tokenise a text-classification dataset (SST-2 by default).
+"""Tokenise a validated dataset and cache the result, as the `prepare-dataset` Prefect task.
 
-A source is either a hub dataset id (`datasets.load_dataset`) or a local folder holding one file
-per split: `<split>.tsv`, `.csv`, `.jsonl` or `.parquet` (first match in that order). Every
-problem with the data raises `DataError` naming the file (or hub id), the column and the line,
-so bad input is reported before any model is loaded (`validate_data` needs no tokenizer).
-
-Selected rows come back as DataFrames with the columns `text` and `label` whatever the source
-column names were; the index is the position in the source file (`line`, header = line 1, for
-text files; `row index`, 0-based, for Parquet and hub data), so any later message can point
-back into the file."""
+Reading and validation live in `tasks.dataset` (no torch, no Prefect: fast to fail). Here the
+selected rows are tokenised (truncated to `max_length`, unpadded) and kept in a cache of Parquet
+files, readable by the owner only, keyed by the config, the content of the data and tokenizer
+files, and the source code that prepares them (`tasks/dataset.py`, this file, `tasks/collate.py`):
+an edit to the cleaning or tokenisation can never be served old token ids. Nothing in the cache
+is ever unpickled."""
 from __future__ import annotations
 
-import codecs
-import csv
 import hashlib
-import io
-import json
-import math
-import numbers
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import numpy as np
 import pandas as pd
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
+from prefect.cache_policies import NO_CACHE
 
 from tasks.collate import Collator, SplitData, load_tokenizer, make_loader  # noqa: F401
-from tasks.config import DataConfig, looks_local
-
-EXTENSIONS = (".tsv", ".csv", ".jsonl", ".parquet")
-# Part of the cache key: bump when PreparedData or the tokenisation rules change, because
-# TASK_SOURCE only sees the body of `prepare_dataset`, not the helpers it calls.
-PREPARED_FORMAT = "1"
-_INT = re.compile(r"\s*[+-]?\d+\s*")
-
-
-class DataError(ValueError):
-    """Data that cannot be used; the message names the file or hub id, the column and the line."""
-
-
-@dataclass
-class DataSummary:
-    source: str
-    files: dict[str, str]  # role ("train"/"eval") -> file path or "hub:<id>[<split>]"
-    num_labels: int
-    train_rows: int
-    eval_rows: int
-    train_available: int  # rows in the split before `train_size` subsetting
-    eval_available: int
-    label_counts: dict[str, dict[int, int]]  # role -> label -> count, every label listed
-    digest: str  # sha256 over the selected rows (text + label), train then eval
+from tasks.config import DataConfig, cache_root, looks_local
+from tasks.dataset import (EXTENSIONS, DataError, DataSummary, _load, load_splits,  # noqa: F401
+                           validate_data)
 
 
 @dataclass
@@ -82,254 +50,6 @@ class PreparedData:
 
     def eval_df(self) -> pd.DataFrame:
         return self.frames["eval"].copy()
-
-
-# ---------------------------------------------------------------- reading one split
-
-
-@dataclass
-class _Table:
-    where: str  # what messages name: the file path, or the hub id and split
-    unit: str  # "line" (text files, 1-based, header = 1) or "row index" (0-based)
-    frame: pd.DataFrame  # columns as read, no conversion
-    positions: list[int]
-
-
-def _decode(path: Path) -> str:
-    # Decode the whole file at once (fast), and on failure turn the byte offset into a line.
-    data = path.read_bytes()
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]  # a BOM would otherwise glue onto the first column name
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}: line {line}: not valid UTF-8 "
-                        f"({e.reason} at byte {e.start})") from None
-
-
-def _read_delimited(path: Path, delimiter: str) -> _Table:
-    # TSV is read with quoting off: GLUE text holds bare quote characters, and a quoting reader
-    # would merge lines. CSV keeps standard quoting (commas in text need it).
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    text = io.StringIO(_decode(path), newline="")
-    reader = csv.reader(text, delimiter=delimiter, quoting=quoting)
-    rows, positions, prev = [], [], 0
-    try:
-        header = [name.strip() for name in next(reader, [])]
-        if not header:
-            raise DataError(f"{path}: file is empty (expected a header line)")
-        prev = reader.line_num
-        for row in reader:
-            start, prev = prev + 1, reader.line_num  # a quoted CSV field may span lines
-            if not row:
-                continue  # blank line
-            if len(row) != len(header):
-                raise DataError(f"{path}: line {start}: {len(row)} fields, but the header "
-                                f"{header} has {len(header)}")
-            rows.append(row)
-            positions.append(start)
-    except csv.Error as e:
-        raise DataError(f"{path}: line {prev + 1}: {e}") from None
-    return _Table(str(path), "line", pd.DataFrame(rows, columns=header, dtype=object), positions)
-
-
-def _read_jsonl(path: Path) -> _Table:
-    records, positions = [], []
-    for n, raw in enumerate(_decode(path).split("\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}: line {n}: expected a JSON object, "
-                            f"got {type(record).__name__}")
-        records.append(record)
-        positions.append(n)
-    return _Table(str(path), "line", pd.DataFrame.from_records(records), positions)
-
-
-def _read_parquet(path: Path) -> _Table:
-    try:
-        frame = pd.read_parquet(path)
-    except Exception as e:  # pyarrow raises several unrelated types for unreadable files
-        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-    return _Table(str(path), "row index", frame, list(range(len(frame))))
-
-
-_READERS = {".tsv": lambda p: _read_delimited(p, "\t"), ".csv": lambda p: _read_delimited(p, ","),
-            ".jsonl": _read_jsonl, ".parquet": _read_parquet}
-
-
-def _split_file(folder: Path, split: str) -> Path:
-    for ext in EXTENSIONS:
-        if (folder / f"{split}{ext}").is_file():
-            return folder / f"{split}{ext}"
-    tried = ", ".join(f"{split}{ext}" for ext in EXTENSIONS)
-    raise DataError(f"{folder}: no file for split {split!r} (tried {tried})")
-
-
-def _local_folder(cfg: DataConfig) -> Optional[Path]:
-    """The source folder, None for a hub id, DataError for anything else."""
-    if not looks_local(cfg.source):
-        return None
-    path = Path(cfg.source).expanduser()
-    if not path.exists():
-        raise DataError(f"data.source {cfg.source!r}: no such file or folder ({path.resolve()})")
-    if not path.is_dir():
-        raise DataError(f"data.source {cfg.source!r} is a file; it must be a folder holding one "
-                        f"file per split ({cfg.train_split}.tsv and {cfg.eval_split}.tsv, or "
-                        f".csv/.jsonl/.parquet), or a hub dataset id")
-    return path
-
-
-def _read_hub(cfg: DataConfig) -> dict[str, _Table]:
-    import datasets  # imported here: slow to import and not needed for local data
-
-    try:
-        dsd = datasets.load_dataset(cfg.source)
-    except datasets.exceptions.DatasetNotFoundError as e:
-        raise DataError(f"hub dataset {cfg.source!r}: {e}") from None
-    # Network errors propagate as they are, so the Prefect task's retries can handle them.
-    tables = {}
-    for split in (cfg.train_split, cfg.eval_split):
-        if split not in dsd:
-            raise DataError(f"hub dataset {cfg.source!r} has no split {split!r} "
-                            f"(splits: {sorted(dsd)})")
-        frame = dsd[split].to_pandas()
-        tables[split] = _Table(f"hub:{cfg.source}[{split}]", "row index", frame,
-                               list(range(len(frame))))
-    return tables
-
-
-# ---------------------------------------------------------------- validation
-
-
-def _label_int(value: Any) -> Optional[int]:
-    # Accept 1, "1" and 1.0 (pandas writes integer columns holding nulls as floats); refuse
-    # booleans, fractions and words, which mean the wrong column or an unmapped label set.
-    if isinstance(value, (bool, np.bool_)):
-        return None
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, str):
-        return int(value) if _INT.fullmatch(value) else None
-    try:
-        as_float = float(value)
-    except (TypeError, ValueError):
-        return None
-    return int(as_float) if as_float.is_integer() else None
-
-
-def _text_value(value: Any, where: str) -> str:
-    if isinstance(value, bytes):  # Parquet binary columns, or strings pyarrow did not decode
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise DataError(f"{where} is not valid UTF-8") from None
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
-        raise DataError(f"{where} is empty (null)")
-    if not isinstance(value, str):
-        raise DataError(f"{where} is not text (got {type(value).__name__} {value!r})")
-    if not value.strip():
-        raise DataError(f"{where} is empty")
-    return value
-
-
-def _clean(table: _Table, cfg: DataConfig, split: str) -> pd.DataFrame:
-    """Check one split and return it as `text`/`label` columns indexed by file position."""
-    present = list(table.frame.columns)
-    for column in (cfg.text_column, cfg.label_column):
-        if column not in present:
-            raise DataError(f"{table.where}: no column {column!r} (columns present: {present})")
-    if len(table.frame) == 0:
-        raise DataError(f"{table.where}: split {split!r} has no rows")
-    texts, labels = [], []
-    columns = zip(table.positions, table.frame[cfg.text_column].tolist(),
-                  table.frame[cfg.label_column].tolist())
-    for pos, text, label in columns:
-        at = f"{table.where}: {table.unit} {pos}"
-        texts.append(_text_value(text, f"{at}: column {cfg.text_column!r}"))
-        labels.append(_label_int(label))
-        if labels[-1] is None:
-            raise DataError(f"{at}: column {cfg.label_column!r}: label {label!r} is not an integer")
-    index = pd.Index(table.positions, name=table.unit)
-    return pd.DataFrame({"text": texts, "label": labels}, index=index)
-
-
-def _check_range(frame: pd.DataFrame, where: str, column: str, num_labels: int, why: str) -> None:
-    bad = frame[(frame["label"] < 0) | (frame["label"] >= num_labels)]
-    if len(bad):
-        raise DataError(f"{where}: {frame.index.name} {bad.index[0]}: column {column!r}: label "
-                        f"{bad['label'].iloc[0]} is outside [0, {num_labels}) ({why})")
-
-
-def _subset(frame: pd.DataFrame, size: Optional[int], seed: int, split: str,
-            how: str = "random") -> pd.DataFrame:
-    # Rank rows by a hash of (seed, split, position): stable across runs, platforms and library
-    # versions (unlike an RNG stream), and a larger size always extends a smaller selection.
-    if size is None or size >= len(frame):
-        return frame
-    if how == "first":  # the first rows in file order, as some published setups use
-        return frame.iloc[:size]
-    def rank(i: int) -> bytes:
-        return hashlib.blake2b(f"{seed}:{split}:{i}".encode(), digest_size=8).digest()
-    chosen = sorted(sorted(range(len(frame)), key=rank)[:size])  # keep file order
-    return frame.iloc[chosen]
-
-
-def _digest(frames: dict[str, pd.DataFrame]) -> str:
-    h = hashlib.sha256()
-    for role, frame in frames.items():
-        h.update(f"[{role}]\n".encode())
-        for text, label in zip(frame["text"], frame["label"]):
-            h.update(f"{label}\t{text}\n".encode("utf-8"))
-    return h.hexdigest()
-
-
-def _load(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], DataSummary]:
-    """Read, validate and subset both splits; frames are keyed by role ("train", "eval")."""
-    if cfg.train_split == cfg.eval_split:
-        raise DataError(f"data: train_split and eval_split are both {cfg.train_split!r}; "
-                        f"the benchmark needs held-out evaluation data")
-    folder = _local_folder(cfg)
-    if folder is None:
-        tables = _read_hub(cfg)
-    else:
-        paths = {s: _split_file(folder, s) for s in (cfg.train_split, cfg.eval_split)}
-        tables = {s: _READERS[p.suffix](p) for s, p in paths.items()}
-    roles = {"train": cfg.train_split, "eval": cfg.eval_split}
-    full = {role: _clean(tables[split], cfg, split) for role, split in roles.items()}
-    if cfg.num_labels is not None:
-        num_labels, why = cfg.num_labels, f"data.num_labels = {cfg.num_labels}"
-    else:
-        num_labels = max(2, 1 + max(int(f["label"].max()) for f in full.values()))
-        why = "num_labels inferred from the data"
-    for role, frame in full.items():
-        _check_range(frame, tables[roles[role]].where, cfg.label_column, num_labels, why)
-    sizes = {"train": cfg.train_size, "eval": cfg.eval_size}
-    frames = {role: _subset(full[role], sizes[role], cfg.seed, roles[role], cfg.subset) for role in roles}
-    counts = {role: {k: int((f["label"] == k).sum()) for k in range(num_labels)}
-              for role, f in frames.items()}
-    summary = DataSummary(
-        source=cfg.source, files={r: tables[s].where for r, s in roles.items()},
-        num_labels=num_labels, train_rows=len(frames["train"]), eval_rows=len(frames["eval"]),
-        train_available=len(full["train"]), eval_available=len(full["eval"]),
-        label_counts=counts, digest=_digest(frames))
-    return frames, summary
-
-
-def load_splits(cfg: DataConfig) -> dict[str, pd.DataFrame]:
-    """Selected, validated rows of `cfg.train_split` and `cfg.eval_split`, keyed by split name."""
-    frames, _ = _load(cfg)
-    return {cfg.train_split: frames["train"], cfg.eval_split: frames["eval"]}
-
-
-def validate_data(cfg: DataConfig) -> DataSummary:
-    """Load and check the data without a tokenizer, so bad input fails before a model loads."""
-    return _load(cfg)[1]
 
 
 # ---------------------------------------------------------------- tokenisation
@@ -372,8 +92,10 @@ def tokenize_splits(cfg: DataConfig, tokenizer_name_or_path: str,
         at_max_length=at_max, summary=summary, frames=frames)
 
 
-# ---------------------------------------------------------------- the Prefect task
+# ---------------------------------------------------------------- the cache
 
+CACHE_FORMAT = "2"  # bump when the cached layout changes
+CODE = [Path(__file__).parent / f for f in ("dataset.py", "data.py", "collate.py")]
 _TOKENIZER_FILES = (".json", ".txt", ".model", ".tiktoken")  # not weights: they can be GBs
 _sha_memo: dict[tuple[str, int, int], str] = {}
 
@@ -402,16 +124,87 @@ def _local_files(cfg: DataConfig, tokenizer: str) -> list[Path]:
     return files
 
 
-def data_files_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Cache-key part for what INPUTS cannot see: the content of local data and tokenizer files
-    (the same path with edited content must not hit the cache). Hub sources are keyed by id and
-    revision only, through INPUTS."""
-    cfg = parameters["cfg"]
-    cfg = cfg if isinstance(cfg, DataConfig) else DataConfig.model_validate(cfg)
-    h = hashlib.sha256(f"prepared-format {PREPARED_FORMAT}\n".encode())
-    for path in _local_files(cfg, str(parameters["tokenizer_name_or_path"])):
+def cache_key(cfg: DataConfig, tokenizer: str, revision: Optional[str]) -> str:
+    """Everything the prepared data depends on: the data config, the tokenizer, the content of
+    local data and tokenizer files (hub sources: id and revision), the code that prepares them
+    and the tokenizer libraries' versions."""
+    import importlib.metadata as md
+
+    h = hashlib.sha256(f"format {CACHE_FORMAT}\n{cfg.model_dump_json()}\n{tokenizer}\n"
+                       f"{revision}\n".encode())
+    for lib in ("transformers", "tokenizers"):
+        h.update(f"{lib} {md.version(lib)}\n".encode())
+    for path in CODE:
+        h.update(path.read_bytes())
+    for path in _local_files(cfg, tokenizer):
         h.update(f"{path.resolve()}\t{_file_sha256(path)}\n".encode())
-    return h.hexdigest()
+    return h.hexdigest()[:32]
+
+
+def _save(data: PreparedData, folder: Path) -> None:
+    """Parquet per split plus meta.json, written into a private temp folder and renamed into
+    place, so a reader sees a whole entry or none."""
+    import json
+    import os
+    import shutil
+    import tempfile
+    from dataclasses import asdict
+
+    folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))  # mode 0o700
+    try:
+        for role, split in (("train", data.train), ("eval", data.eval)):
+            frame = data.frames[role]
+            pd.DataFrame({"position": frame.index, "text": frame["text"],
+                          "label": frame["label"].astype(int),
+                          "input_ids": split.input_ids}).to_parquet(tmp / f"{role}.parquet")
+        meta = {k: v for k, v in asdict(data).items() if k not in ("train", "eval", "frames")}
+        meta["units"] = {role: f.index.name for role, f in data.frames.items()}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        for f in tmp.iterdir():
+            os.chmod(f, 0o600)
+        tmp.rename(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "meta.json").is_file():  # another process won the race: fine
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read(folder: Path) -> PreparedData:
+    import json
+
+    meta = json.loads((folder / "meta.json").read_text())
+    units = meta.pop("units")
+    splits, frames = {}, {}
+    for role in ("train", "eval"):
+        t = pd.read_parquet(folder / f"{role}.parquet")
+        splits[role] = SplitData([list(map(int, ids)) for ids in t["input_ids"]],
+                                 t["label"].astype(int).tolist())
+        frames[role] = pd.DataFrame({"text": t["text"].tolist(), "label": t["label"].tolist()},
+                                    index=pd.Index(t["position"].tolist(), name=units[role]))
+    s = meta.pop("summary")
+    s["label_counts"] = {r: {int(k): v for k, v in c.items()} for r, c in s["label_counts"].items()}
+    return PreparedData(train=splits["train"], eval=splits["eval"], summary=DataSummary(**s),
+                        frames=frames, **meta)
+
+
+def prepare_cached(cfg: DataConfig, tokenizer: str, revision: Optional[str] = None,
+                   root: Optional[Path] = None) -> tuple[PreparedData, bool]:
+    """The prepared data from the cache, or tokenised now and cached; (data, was it a hit)."""
+    folder = (root or cache_root()) / "prepared" / cache_key(cfg, tokenizer, revision)
+    if (folder / "meta.json").is_file():
+        return _read(folder), True
+    if folder.exists():  # not a whole entry (entries are renamed in complete): never serve it
+        import shutil
+        shutil.rmtree(folder, ignore_errors=True)
+    data = tokenize_splits(cfg, tokenizer, revision)
+    _save(data, folder)
+    return data, False
+
+
+# ---------------------------------------------------------------- the Prefect task
 
 
 def _retry_unless_data_error(task_, task_run, state) -> bool:
@@ -419,11 +212,15 @@ def _retry_unless_data_error(task_, task_run, state) -> bool:
     return not isinstance(state.result(raise_on_failure=False), ValueError)
 
 
-@task(name="prepare-dataset",
-      cache_policy=INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=data_files_key),
-      persist_result=True, result_serializer="pickle",
-      retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_unless_data_error)
+@task(name="prepare-dataset", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10,
+      retry_condition_fn=_retry_unless_data_error)
 def prepare_dataset(cfg: DataConfig, tokenizer_name_or_path: str,
                     revision: Optional[str] = None) -> PreparedData:
-    """Validate + tokenise, cached across flow runs on (inputs, task code, file contents)."""
-    return tokenize_splits(cfg, tokenizer_name_or_path, revision)
+    """Validate + tokenise, or read the same from the cache (`prepare_cached`)."""
+    from prefect import get_run_logger
+
+    data, hit = prepare_cached(cfg, tokenizer_name_or_path, revision)
+    get_run_logger().info("prepared data %s (%d train, %d eval rows)",
+                          "read from the cache" if hit else "tokenised and cached",
+                          len(data.train), len(data.eval))
+    return data

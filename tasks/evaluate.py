@@ -15,7 +15,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from torch import nn
 
 from tasks.collate import SplitData, make_loader
-from tasks.train import autocast
+from tasks.train import NonFiniteError, autocast
 
 
 @dataclass
@@ -52,6 +52,11 @@ def evaluate_model(model: nn.Module, data: SplitData, num_labels: int, pad_token
     elapsed = time.perf_counter() - t0
     model.train(was_training)
     p = torch.cat(probs).numpy()
+    if not (np.isfinite(p).all() and np.isfinite(loss_sum)):
+        bad = int((~np.isfinite(p).all(-1)).sum())
+        raise NonFiniteError(f"evaluation produced non-finite outputs ({bad} of {len(p)} rows "
+                             f"with NaN/inf probabilities, loss {loss_sum / len(p)}): the model's "
+                             "weights diverged; its predictions are not usable")
     labels, preds = np.asarray(data.labels), p.argmax(-1)
     metrics = compute_metrics(labels, preds, num_labels)
     metrics.update(loss=loss_sum / len(labels), eval_time_s=elapsed,

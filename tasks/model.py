@@ -15,27 +15,8 @@ from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
 
 import peft_modules as pm
 from peft_modules.quant import keep_layout
-from tasks.config import ConfigError, MethodConfig, ModelConfig, TrainingConfig, looks_local
-
-
-def resolve_device(training: TrainingConfig) -> torch.device:
-    if training.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if training.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("training.device: 'cuda' requested but no CUDA device is available")
-    return torch.device(training.device)
-
-
-def check_model_source(model: ModelConfig) -> None:
-    """A local model directory must exist and hold a config.json; checked before any load."""
-    if not looks_local(model.name_or_path):
-        return
-    path = Path(model.name_or_path).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"model.name_or_path: directory not found: {path}")
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model.name_or_path: {path} has no config.json "
-                          "(not a Hugging Face model directory)")
+from tasks.config import MethodConfig, ModelConfig
+from tasks.preflight import resolve_device  # noqa: F401  (re-exported for the flows)
 
 
 def quantization_config(method: MethodConfig) -> BitsAndBytesConfig:

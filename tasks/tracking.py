@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata as md
+import os
 import platform
 import subprocess
 import tempfile
@@ -20,7 +21,12 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
 from tasks import names
-from tasks.config import BenchConfig, TrackingConfig
+from tasks.config import BenchConfig, TrackingConfig, public_dump
+from tasks.secrets import redact
+
+# MLflow writes "View run ... at: <tracking URI>/#/..." to stdout when a run against a server
+# ends: one line per run, and the URI may carry credentials. The CLI prints the UI command once.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 PACKAGES = ("torch", "transformers", "peft-bench", "bitsandbytes", "prefect", "mlflow",
             "tokenizers", "datasets")
@@ -71,7 +77,7 @@ def git_sha() -> str:
 
 
 def log_params(run_id: str, tracking: TrackingConfig, params: dict[str, str]) -> None:
-    c, items = client(tracking), [Param(k, v) for k, v in params.items()]
+    c, items = client(tracking), [Param(k, redact(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):  # log_batch takes at most 100 params a call
         c.log_batch(run_id, params=items[i:i + 100])
 
@@ -96,9 +102,14 @@ def log_history(run_id: str, tracking: TrackingConfig, key: str, values: list[fl
 
 def create_run(cfg: BenchConfig, tags: dict[str, str], run_name: str,
                params: dict[str, str]) -> str:
+    """A run owned by this process (`peft_bench.owner`), so a later start can tell whether it
+    was left RUNNING by a process that is gone."""
+    from tasks.lifecycle import owner_tag
+
     c = client(cfg.tracking)
+    tags = {**tags, names.OWNER: owner_tag()}
     run = c.create_run(experiment_id(cfg.tracking), run_name=run_name,
-                       tags={k: str(v) for k, v in tags.items()})
+                       tags={k: redact(str(v)) for k, v in tags.items()})
     log_params(run.info.run_id, cfg.tracking, params)
     return run.info.run_id
 
@@ -106,7 +117,7 @@ def create_run(cfg: BenchConfig, tags: dict[str, str], run_name: str,
 def fail_run(tracking: TrackingConfig, run_id: str, why: str) -> None:
     """End a run FAILED, with the reason in the `peft_bench.error` tag."""
     c = client(tracking)
-    c.set_tag(run_id, names.ERROR, why[:5000])
+    c.set_tag(run_id, names.ERROR, redact(why)[:5000])
     c.set_terminated(run_id, "FAILED")
 
 
@@ -140,7 +151,20 @@ def closing_run(tracking: TrackingConfig, run_id: str, system_metrics: bool = Fa
 
 
 def set_tags(run_id: str, tracking: TrackingConfig, tags: dict[str, str]) -> None:
-    client(tracking).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    client(tracking).log_batch(run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
+
+
+def find_child(tracking: TrackingConfig, parent_run_id: str, method: str, seed: int):
+    """The latest child run of a parent for one (method, seed), or None."""
+    c = client(tracking)
+    exp = c.get_experiment_by_name(tracking.experiment)
+    if exp is None:
+        return None
+    runs = c.search_runs([exp.experiment_id],
+                         f"tags.`{names.PARENT}` = '{parent_run_id}' and "
+                         f"tags.`{names.METHOD}` = '{method}' and tags.`{names.SEED}` = '{seed}'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
 
 
 def log_artifact(run_id: str, tracking: TrackingConfig, path: Path,
@@ -168,16 +192,17 @@ def log_config(run_id: str, cfg: BenchConfig) -> None:
     """The resolved config (defaults, mlflow.yaml and overrides applied) as config.yaml."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
-        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        path.write_text(yaml.safe_dump(public_dump(cfg), sort_keys=False))
         log_artifact(run_id, cfg.tracking, path)
 
 
 def check_reachable(tracking: TrackingConfig, timeout_s: float = 20.0) -> None:
     """Fail fast on an MLflow server that does not answer: MLflow's own client retries for
-    minutes before giving up. Local stores (sqlite, files) need no check."""
+    minutes before giving up. Local stores (sqlite, files) need no check. Credentials in the
+    URI (user:password@) are sent as basic auth, as MLflow's client does."""
     import time
-    import urllib.error
-    import urllib.request
+
+    import httpx
 
     uri = tracking.tracking_uri
     if not uri.startswith(("http://", "https://")):
@@ -185,15 +210,15 @@ def check_reachable(tracking: TrackingConfig, timeout_s: float = 20.0) -> None:
     deadline, last = time.monotonic() + timeout_s, ""
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-                last = f"HTTP {r.status}"
-        except (urllib.error.URLError, OSError) as e:
-            last = str(getattr(e, "reason", e))
+            r = httpx.get(uri.rstrip("/") + "/health", timeout=5)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}"
+        except httpx.HTTPError as e:
+            last = f"{type(e).__name__}: {e}"
         time.sleep(1)
-    raise ConnectionError(f"tracking.tracking_uri: MLflow server {uri} is unreachable "
-                          f"({last}); start it or fix MLFLOW_TRACKING_URI")
+    raise ConnectionError(redact(f"tracking.tracking_uri: MLflow server {uri} is unreachable "
+                                 f"({last}); start it or fix MLFLOW_TRACKING_URI"))
 
 
 def _fail_open(tracking: TrackingConfig, where: str, why: str) -> list[str]:

@@ -82,10 +82,13 @@ def test_run_compare_report(prefect_harness, config_file, bench_config, tmp_path
 
 
 def test_run_failing_method_exits_1(prefect_harness, config_file):
-    result = runner.invoke(app, ["run", str(config_file), "--methods", "lora",
-                                 "--set", "methods.1.targets=[nope]", "--set", "training.max_steps=1"])
-    assert result.exit_code == 1
-    assert "failed runs: lora/seed=42" in result.output
+    result = runner.invoke(app, ["run", str(config_file), "--methods", "full,lora",
+                                 "--set", "methods.0.lr=1e6", "--set", "training.max_steps=6"])
+    assert result.exit_code == 1, result.output
+    assert "failed runs: full/seed=42" in result.output
+    result = runner.invoke(app, ["run", str(config_file), "--methods", "full",
+                                 "--set", "methods.0.lr=1e6", "--set", "training.max_steps=6"])
+    assert result.exit_code == 1 and "every run failed: full/seed=42" in result.output
 
 
 @pytest.mark.parametrize("args,message", [

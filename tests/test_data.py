@@ -93,9 +93,15 @@ def test_real_sst2_subset_is_exact_and_deterministic():
     assert set(a["train"].index) <= set(bigger.index)
 
 
-def test_size_at_least_rows_keeps_all(tmp_path):
-    frames = load_splits(cfg_for(folder_with(tmp_path), train_size=3, eval_size=100))
+def test_size_above_the_rows_is_refused_unless_allowed(tmp_path):
+    folder = folder_with(tmp_path)
+    with pytest.raises(DataError, match=r"data.eval_size = 100 but .*validation.tsv has only 3 "
+                                        r"rows; lower data.eval_size, or set data.allow_smaller"):
+        load_splits(cfg_for(folder, train_size=3, eval_size=100))
+    frames = load_splits(cfg_for(folder, train_size=3, eval_size=100, allow_smaller=True))
     assert len(frames["train"]) == 3 and len(frames["validation"]) == 3
+    summary = validate_data(cfg_for(folder, eval_size=100, allow_smaller=True))
+    assert summary.eval_rows == 3  # the size actually used, which the parent run records
 
 
 def test_num_labels_inferred_or_configured(tmp_path):
@@ -105,8 +111,28 @@ def test_num_labels_inferred_or_configured(tmp_path):
     assert summary.num_labels == 3
     assert summary.label_counts == {"train": {0: 1, 1: 0, 2: 2}, "eval": {0: 0, 1: 1, 2: 0}}
     assert validate_data(cfg_for(folder, num_labels=5)).num_labels == 5
-    only_zero = folder_with(tmp_path / "z", train=[("a", 0)], validation=[("b", 0)])
-    assert validate_data(cfg_for(only_zero)).num_labels == 2  # never fewer than two classes
+    binary = folder_with(tmp_path / "b", train=[("a", 0), ("b", 1)], validation=[("c", 1)])
+    assert validate_data(cfg_for(binary)).num_labels == 2
+
+
+def test_eval_labels_do_not_widen_the_task(tmp_path):
+    """num_labels comes from the training split; a stray eval label is refused, not learnt."""
+    folder = folder_with(tmp_path, train=[("a", 0), ("b", 1)],
+                         validation=[("c", 1), ("d", 2), ("e", 0)])
+    with pytest.raises(DataError) as err:
+        validate_data(cfg_for(folder))
+    assert "validation.tsv: line 3: column 'label': label 2 is outside [0, 2)" in str(err.value)
+    assert "inferred from the training split" in str(err.value)
+
+
+def test_single_class_training_rows_are_refused(tmp_path):
+    only_zero = folder_with(tmp_path, train=[("a", 0), ("b", 0)], validation=[("c", 0), ("d", 1)])
+    with pytest.raises(DataError, match=r"train.tsv: every training row has label 0; a "
+                                        r"classifier needs at least two classes"):
+        validate_data(cfg_for(only_zero, num_labels=2))
+    mixed = folder_with(tmp_path / "m", train=[("a", 0), ("b", 0), ("c", 1)], validation=ROWS)
+    with pytest.raises(DataError, match=r"picked by data.train_size"):
+        validate_data(cfg_for(mixed, train_size=2, subset="first"))
 
 
 def test_hub_source_uses_load_dataset(monkeypatch):
@@ -156,7 +182,7 @@ ERROR_CASES = {
                                "(data.num_labels = 2)"]),
     "negative label": (b"sentence\tlabel\na\t1\nb\t-1\n", GOOD_TSV, {},
                        ["train.tsv: line 3: column 'label': label -1 is outside [0, 2)",
-                        "(num_labels inferred from the data)"]),
+                        "(num_labels inferred from the training split"]),
     "bad utf-8": (b"sentence\tlabel\nfine\t1\nbad \xff\xfe byte\t0\n", GOOD_TSV, {},
                   ["train.tsv: line 3: not valid UTF-8"]),
     "empty text": (b"sentence\tlabel\nfine\t1\n  \t0\n", GOOD_TSV, {},
@@ -297,26 +323,46 @@ def test_make_loader_is_seeded():
 # ---------------------------------------------------------------- the Prefect task
 
 
-def test_prepare_dataset_cache_hits_and_invalidates(prefect_harness, tmp_path, tiny_dir):
-    from prefect import flow
+def test_prepared_data_cache_hits_and_invalidates(tmp_path, tiny_dir, monkeypatch):
+    import stat
+
+    import tasks.data as data_module
+    from tasks.data import prepare_cached
 
     folder = folder_with(tmp_path)
-    cfg = cfg_for(folder)
-    cached_task = prepare_dataset.with_options(result_storage=tmp_path / "results")
-
-    @flow
-    def twice() -> list[tuple[str, str]]:
-        states = [cached_task(cfg, str(tiny_dir), return_state=True) for _ in range(2)]
-        return [(s.name, s.result().digest) for s in states]
-
-    first = twice()
-    assert [name for name, _ in first] == ["Completed", "Cached"]
-    assert first[0][1] == first[1][1]
-    assert [name for name, _ in twice()] == ["Cached", "Cached"]  # across flow runs too
+    cfg, root = cfg_for(folder), tmp_path / "cache"
+    first, hit = prepare_cached(cfg, str(tiny_dir), root=root)
+    again, hit2 = prepare_cached(cfg, str(tiny_dir), root=root)
+    assert (hit, hit2) == (False, True)
+    assert again.train.input_ids == first.train.input_ids and again.eval.labels == first.eval.labels
+    assert again.digest == first.digest and again.summary == first.summary
+    assert again.frames["eval"].equals(first.frames["eval"])
+    assert again.frames["eval"].index.name == first.frames["eval"].index.name == "line"
+    [entry] = (root / "prepared").iterdir()
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o700
+    for f in entry.iterdir():  # private, and nothing that could be unpickled
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600 and f.suffix in (".parquet", ".json")
     write_split(folder, "train", "tsv", ROWS[:2])  # same path, new content: must recompute
-    again = twice()
-    assert [name for name, _ in again] == ["Completed", "Cached"]
-    assert again[0][1] != first[0][1]
+    assert prepare_cached(cfg, str(tiny_dir), root=root)[1] is False
+    # The key covers the code that prepares the data: an edit to it is never served old ids.
+    code = tmp_path / "collate_copy.py"
+    code.write_text("# version 1\n")
+    monkeypatch.setattr(data_module, "CODE", [*data_module.CODE, code])
+    assert prepare_cached(cfg, str(tiny_dir), root=root)[1] is False
+    assert prepare_cached(cfg, str(tiny_dir), root=root)[1] is True
+    code.write_text("# version 2: tokenisation changed\n")
+    assert prepare_cached(cfg, str(tiny_dir), root=root)[1] is False
+
+
+def test_a_half_written_cache_entry_is_not_served(tmp_path, tiny_dir):
+    from tasks.data import cache_key, prepare_cached
+
+    cfg, root = cfg_for(folder_with(tmp_path)), tmp_path / "cache"
+    half = root / "prepared" / cache_key(cfg, str(tiny_dir), None)
+    half.mkdir(parents=True)
+    (half / "train.parquet").write_bytes(b"truncated")  # killed before meta.json was written
+    data, hit = prepare_cached(cfg, str(tiny_dir), root=root)
+    assert hit is False and len(data.train) > 0
 
 
 def test_prepare_dataset_retries_only_non_data_errors(prefect_harness, tmp_path, monkeypatch):
@@ -332,6 +378,7 @@ def test_prepare_dataset_retries_only_non_data_errors(prefect_harness, tmp_path,
         raise (DataError("bad row") if len(calls) == 1 else OSError("hub unreachable"))
 
     monkeypatch.setattr(data_module, "tokenize_splits", failing)
+    monkeypatch.setenv("PEFT_BENCH_CACHE", str(tmp_path / "cache"))
     quick = prepare_dataset.with_options(retry_delay_seconds=0, cache_policy=NO_CACHE,
                                          persist_result=False)
 

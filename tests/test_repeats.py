@@ -233,6 +233,7 @@ NOT_WRITTEN_HERE = {
     "peft_bench.timing_warning": "contaminated runs: the burner test above",
     "prefect.flow_run_url": "only when the Prefect server has a UI URL",
     "mlflow.note.content": "run descriptions",
+    "peft_bench.resumed_from_step": "resumed runs: test_faults.py",
 }
 NOT_NAMES = {"parent", "child", "aggregate", "predictions.csv", "report", "peft-bench-report",
              "peft-bench-regressions", "peft-bench.regression.detected"}
