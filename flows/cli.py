@@ -80,9 +80,12 @@ def run(config: Optional[Path] = typer.Argument(
 
 def _run_flow(cfg, config: Optional[Path], as_dict: Optional[dict], masked: list[str],
               selected: Optional[list[str]], resume: Optional[str]) -> None:
+    from flows import console as quiet
     from flows.benchmark import AllRunsFailed, RegressionError, benchmark
     from tasks.config import public_dump
     from tasks.secrets import redact
+
+    quiet.install()
 
     regressed = False
     source = ({"config_path": str(config)} if config is not None
