@@ -37,7 +37,7 @@ def _is_console(handler: logging.Handler) -> bool:
 def install() -> None:
     """Attach the filters to the console handlers of the root and Prefect loggers."""
     filters = [ExpectedErrorFilter(expected_errors()), RedactingFilter()]
-    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+    for name in ("", "prefect"):  # the flow- and task-run loggers propagate to "prefect"
         for handler in logging.getLogger(name).handlers:
             if _is_console(handler):
                 for f in filters:

@@ -326,8 +326,8 @@ def test_killed_processes_leave_crashed_runs_and_failed_mlflow_runs(live):
        its worker reports it CRASHED at once and runs the benchmark's on_crashed hook, which
        fails the parent MLflow run and the child run of the method in training.
 
-    A and B are one `dispatch: deployments` benchmark (one method per worker), which ends
-    COMPLETED with both methods failed. The workers are restarted for the next test."""
+    A and B are one `dispatch: deployments` benchmark (one method per worker), which writes
+    its report and ends FAILED: every run failed. The workers are restarted for the next test."""
     # Their own slot, room for all three: the slots of killed runs stay taken until their
     # leases run out (test_slots_of_killed_runs_come_back).
     slot = [f"concurrency.slot={KILL_SLOT}", "concurrency.limit=3", "training.max_steps=100000"]
@@ -384,11 +384,13 @@ def test_killed_processes_leave_crashed_runs_and_failed_mlflow_runs(live):
             assert r.info.status == "FAILED", (r.info.run_name, r.info.status)
             assert r.data.tags["peft_bench.error"].startswith("flow run Crashed"), r.data.tags
 
-        # A, B: the parent went on, closed what was left and finished with both failed.
-        assert live.wait(fan, timeout=90)["state_type"] == "COMPLETED"
+        # A, B: the parent went on, closed what was left, reported, and failed: no run finished.
+        assert live.wait(fan, timeout=90)["state_type"] == "FAILED"
         pr = live.parent_run(fan)
-        assert pr.info.status == "FINISHED"
+        assert pr.info.status == "FAILED"
+        assert pr.data.tags["peft_bench.error"].startswith("AllRunsFailed: every run failed")
         assert pr.data.tags["peft_bench.failed_methods"] == ",".join(sorted(fan_kids))
+        assert live.mlflow_client().list_artifacts(pr.info.run_id, "report")
         kids = _wait_closed(live, [r.info.run_id for r in live.children(pr.info.run_id).values()],
                             timeout=30)
         assert len(kids) == 2
