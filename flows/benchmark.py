@@ -16,6 +16,8 @@ from prefect.cache_policies import NO_CACHE
 from transformers import AutoConfig
 
 from flows.finetune import finetune, prefect_tags
+from flows.jobs import Job, final_jobs
+from flows.sweeping import run_grid
 from tasks import names, tracking
 from tasks.conclude import conclude_task
 from tasks.config import (BenchConfig, ConfigError, build_config, fingerprint, load_config,
@@ -106,17 +108,37 @@ def resume_parent(cfg: BenchConfig, parent_run_id: str) -> str:
     return parent_run_id
 
 
-def run_local(cfg: BenchConfig, parent_run_id: str) -> dict[str, str]:
-    """Each (method, seed) as an in-process child flow run, one after another, the method
-    order rotating from one seed to the next."""
+def run_local(cfg: BenchConfig, jobs: list[Job]) -> dict[str, str]:
+    """Each job as an in-process child flow run, one after another, in the jobs' order (for
+    final runs the method order rotates from one seed to the next)."""
     states, config = {}, public_dump(cfg)
-    for _, seed, name in cfg.runs():
-        run = finetune.with_options(flow_run_name=f"{cfg.name}-{name}-seed{seed}")
-        state = run(config=config, method_name=name, parent_run_id=parent_run_id, seed=seed,
-                    return_state=True)
-        states[run_key(name, seed)] = state.type.value
+    for job in jobs:
+        run = finetune.with_options(flow_run_name=job.flow_run_name(cfg.name))
+        state = run(**job.parameters(config), return_state=True)
+        states[job.key] = state.type.value
         if not state.is_completed():
-            get_run_logger().error("method %s, seed %s failed: %s", name, seed, state.message)
+            get_run_logger().error("%s failed: %s", job.key, state.message)
+    return states
+
+
+def dispatcher(cfg: BenchConfig):
+    if cfg.dispatch == "deployments":
+        from flows.dispatch import run_deployments
+        return run_deployments
+    return run_local
+
+
+def run_all(cfg: BenchConfig, parent: str) -> dict[str, str]:
+    """The sweep's grid (if any), then the final runs; the states of all, keyed `Job.key`."""
+    dispatch, chosen, states = dispatcher(cfg), None, {}
+    if cfg.sweep is not None:
+        client = tracking.client(cfg.tracking)
+        grid_states, chosen = run_grid(cfg, client, client.get_run(parent), dispatch)
+        states.update({f"grid:{k}": v for k, v in grid_states.items()})
+        for name, point in chosen.items():
+            if point is None:  # no final runs to make: each counts as failed
+                states.update({f"{name}/seed={s}": "FAILED" for s in cfg.training.run_seeds})
+    states.update(dispatch(cfg, final_jobs(cfg, parent, chosen)))
     return states
 
 
@@ -171,14 +193,11 @@ def benchmark(config_path: Optional[str] = None, overrides: Optional[list[str]] 
     with tracking.closing_run(cfg.tracking, parent):
         tracking.log_config(parent, cfg)
         ensure_gpu_limit(cfg)
-        if cfg.dispatch == "deployments":
-            from flows.dispatch import run_deployments
-            states = run_deployments(cfg, parent)
-        else:
-            states = run_local(cfg, parent)
-        tags = failed_tags(cfg, states)
+        states = run_all(cfg, parent)
+        tags = failed_tags(cfg, {k: v for k, v in states.items() if not k.startswith("grid:")})
         tracking.set_tags(parent, cfg.tracking, tags)
-        all_failed = bool(states) and all(s != "COMPLETED" for s in states.values())
+        finals = {k: v for k, v in states.items() if not k.startswith("grid:")}
+        all_failed = bool(finals) and all(s != "COMPLETED" for s in finals.values())
         check = conclude_task(cfg, parent)
         report = generate_report_task(parent, cfg.tracking.tracking_uri, Path(cfg.report.output_dir))
         if all_failed:  # the parent is FAILED too, after the report says why

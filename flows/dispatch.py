@@ -30,6 +30,7 @@ from prefect.logging import get_logger
 from prefect.settings import get_current_settings
 from prefect.states import Crashed
 
+from flows.jobs import Job
 from tasks import tracking
 from tasks.config import BenchConfig, ConfigError, public_dump
 
@@ -117,21 +118,18 @@ def wait_all(flow_run_ids: dict[str, UUID], stale_after: Optional[float] | str =
     return done
 
 
-def run_deployments(cfg: BenchConfig, parent_run_id: str) -> dict[str, str]:
-    """Start one finetune flow run per (method, seed), all at once in the rotated run order,
-    wait for all, return their states keyed `method/seed=N`."""
-    from flows.benchmark import run_key
-
+def run_deployments(cfg: BenchConfig, jobs: list[Job]) -> dict[str, str]:
+    """Start one finetune flow run per job, all at once (in the jobs' order), wait for all,
+    return their states keyed by `Job.key`."""
     logger = get_run_logger()
     config = public_dump(cfg)  # parameters are stored by Prefect: no credentials
     started = {}
-    for _, seed, name in cfg.runs():
+    for job in jobs:
         run = run_deployment(cfg.finetune_deployment, timeout=0, as_subflow=True,
-                             flow_run_name=f"{cfg.name}-{name}-seed{seed}",
-                             parameters={"config": config, "method_name": name,
-                                         "parent_run_id": parent_run_id, "seed": seed})
-        logger.info("method %s, seed %s: flow run %s", name, seed, run.id)
-        started[run_key(name, seed)] = run.id
+                             flow_run_name=job.flow_run_name(cfg.name),
+                             parameters=job.parameters(config))
+        logger.info("%s: flow run %s", job.key, run.id)
+        started[job.key] = run.id
     states = {}
     for key, run in wait_all(started, logger=logger).items():
         states[key] = run.state.type.value

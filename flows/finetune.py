@@ -6,9 +6,11 @@ the same flow runs in-process or as a deployment on another worker.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -18,9 +20,10 @@ from prefect.concurrency.sync import concurrency
 from prefect.runtime import deployment, flow_run
 
 import peft_modules as pm
-from tasks import checkpoint, names, tracking
+from tasks import checkpoint, names, sweep, tracking
 from tasks.config import BenchConfig, MethodConfig, public_dump, revealed
-from tasks.lifecycle import owner_alive, reopen
+from tasks.lifecycle import owner_alive, owner_tag, reopen
+from tasks.reuse import copy_run, find_reusable, run_key
 from tasks.secrets import redact
 from tasks.data import PreparedData, prepare_dataset
 from tasks.evaluate import EvalResult, evaluate_task, plot_confusion
@@ -48,19 +51,45 @@ def get_method(cfg: BenchConfig, name: str) -> MethodConfig:
                      f"{[m.name for m in cfg.methods]}")
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """What one finetune flow run is: a grid point (scored on the selection split, a child of
+    its method's run) or a final run (scored on the test split when there is one)."""
+
+    phase: str                      # "grid" or "final"
+    point: dict                     # the sweep values applied ({} without a sweep)
+    split: str                      # "eval" or "test": the split the run is scored on
+    split_name: str                 # that split's name in the data, for the record
+    key: str = ""                   # the run key (tasks/reuse.py)
+
+    @property
+    def label(self) -> str:
+        return sweep.label(self.point)
+
+
+def plan_for(cfg: BenchConfig, phase: str, point: Optional[dict]) -> RunPlan:
+    on_test = phase == "final" and cfg.data.has_test
+    name = (cfg.data.test_split or "test-from-train") if on_test else cfg.data.eval_split
+    return RunPlan(phase, dict(point or {}), "test" if on_test else "eval", name)
+
+
 def start_child_run(cfg: BenchConfig, method: MethodConfig, parent_run_id: str,
-                    device: torch.device) -> str:
+                    device: torch.device, plan: RunPlan) -> str:
     shared = {k: v for k, v in public_dump(cfg).items() if k != "methods"}
     params = {**tracking.flatten(shared),
-              **tracking.flatten(method.model_dump(mode="json"), "method."),
+              **tracking.flatten(method.model_dump(mode="json", exclude={"sweep"}), "method."),
               "method.effective_lr": str(method.lr or cfg.training.lr)}
     seed = cfg.training.seed
     seeds = cfg.training.run_seeds
-    tags = {names.PARENT: parent_run_id, names.ROLE: names.ROLE_CHILD,
+    role = names.ROLE_GRID if plan.phase == "grid" else names.ROLE_CHILD
+    tags = {names.PARENT: parent_run_id, names.ROLE: role,
             names.METHOD: method.name, names.METHOD_KIND: method.method,
             names.SEED: str(seed), names.SEED_INDEX: str(seeds.index(seed) if seed in seeds else 0),
+            names.POINT: plan.label, names.POINT_JSON: json.dumps(plan.point),
+            names.EVAL_SPLIT: plan.split_name, names.RUN_KEY: plan.key,
             names.DEVICE: str(device), **prefect_tags()}
-    return tracking.create_run(cfg, tags, run_name=f"{method.name}-seed{seed}", params=params)
+    name = f"{method.name}-{plan.label}" if plan.phase == "grid" else f"{method.name}-seed{seed}"
+    return tracking.create_run(cfg, tags, run_name=name, params=params)
 
 
 def log_eval(run_id: str, cfg: BenchConfig, ev: EvalResult, step: int) -> None:
@@ -72,14 +101,16 @@ def log_eval(run_id: str, cfg: BenchConfig, ev: EvalResult, step: int) -> None:
 
 
 def evaluate(cfg: BenchConfig, model, data: PreparedData, device: torch.device,
-             with_texts: bool = False) -> EvalResult:
-    return evaluate_task(model, data.eval, data.num_labels, data.pad_token_id, str(device),
-                         cfg.training.eval_batch_size, cfg.training.precision,
-                         data.eval_texts if with_texts else None)
+             with_texts: bool = False, split: str = "eval") -> EvalResult:
+    """Score on the run's one split: the selection split, or the test split of a final run
+    (periodic evaluations too, so no number of a run ever comes from another split)."""
+    return evaluate_task(model, data.split(split), data.num_labels, data.pad_token_id,
+                         str(device), cfg.training.eval_batch_size, cfg.training.precision,
+                         data.texts(split) if with_texts else None)
 
 
 def train_and_measure(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_id: str,
-                      device: torch.device):
+                      device: torch.device, split: str = "eval"):
     """Load, inject and train inside one peak-memory window (the method's own memory)."""
     with PeakMemory(device) as mem:
         model = load_model_task(cfg.model, method, data.num_labels, data.pad_token_id, str(device))
@@ -91,7 +122,7 @@ def train_and_measure(cfg: BenchConfig, method: MethodConfig, data: PreparedData
             tracking.log_metrics(run_id, cfg.tracking, metrics, step)
 
         def eval_fn(step: int) -> None:
-            log_eval(run_id, cfg, evaluate(cfg, model, data, device), step)
+            log_eval(run_id, cfg, evaluate(cfg, model, data, device, split=split), step)
 
         result = train_task(model, data.train, cfg.training, method.lr or cfg.training.lr,
                             data.pad_token_id, str(device), log_fn, eval_fn,
@@ -122,16 +153,16 @@ def log_outputs(run_id: str, cfg: BenchConfig, method: MethodConfig, model, ev: 
 
 
 def run_method(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_id: str,
-               device: torch.device, resumed: bool = False) -> dict[str, float]:
+               device: torch.device, resumed: bool = False, split: str = "eval") -> dict[str, float]:
     torch.manual_seed(cfg.training.seed)  # head and adapter init follow the seed
     if not resumed:
-        for role, df in (("train", data.train_df()), ("eval", data.eval_df())):
+        for role, df in (("train", data.train_df()), (split, data.frames[split].copy())):
             tracking.log_dataset(run_id, cfg.tracking, df, f"{cfg.name}-{role}",
                                  redact(data.source), role)
     try:
         model, summary, res, peak_mb, model_size_mb = train_and_measure(cfg, method, data,
-                                                                        run_id, device)
-        ev = evaluate(cfg, model, data, device, with_texts=True)
+                                                                        run_id, device, split)
+        ev = evaluate(cfg, model, data, device, with_texts=True, split=split)
     except NonFiniteError:  # a diverged run's checkpoints would only diverge again
         checkpoint.clear(Path(cfg.training.checkpoint_dir) / run_id)
         raise
@@ -217,11 +248,11 @@ def finished_metrics(run) -> dict[str, float]:
 
 
 def open_child_run(cfg: BenchConfig, method: MethodConfig, parent_run_id: str,
-                   device: torch.device, existing) -> str:
-    """A new child run, or the earlier one of the same (method, seed), reopened (a resume or a
-    Prefect retry): never one that a live process is still training."""
+                   device: torch.device, existing, plan: RunPlan) -> str:
+    """A new child run, or the earlier one of the same (method, seed, point), reopened (a resume
+    or a Prefect retry): never one that a live process is still training."""
     if existing is None:
-        return start_child_run(cfg, method, parent_run_id, device)
+        return start_child_run(cfg, method, parent_run_id, device, plan)
     owner = existing.data.tags.get(names.OWNER, "")
     if existing.info.status == "RUNNING" and owner and owner_alive(owner):
         raise RuntimeError(f"method {method.name}, seed {cfg.training.seed}: MLflow run "
@@ -230,30 +261,49 @@ def open_child_run(cfg: BenchConfig, method: MethodConfig, parent_run_id: str,
     return existing.info.run_id
 
 
+def reuse_earlier(cfg: BenchConfig, plan: RunPlan, parent_run_id: str) -> Optional[str]:
+    """With sweep.reuse: a copy of an earlier FINISHED run with the same run key, or None."""
+    if cfg.sweep is None or not cfg.sweep.reuse:
+        return None
+    c = tracking.client(cfg.tracking)
+    src = find_reusable(c, tracking.experiment_id(cfg.tracking), plan.key)
+    if src is None:
+        return None
+    return copy_run(c, src, parent_run_id, owner_tag())
+
+
 @flow(name="finetune", log_prints=True, on_crashed=[fail_mlflow_run],
       on_cancellation=[fail_mlflow_run])
-def finetune(config: dict, method_name: str, parent_run_id: str,
-             seed: Optional[int] = None) -> dict[str, float]:
-    """Fine-tune and evaluate one method under one seed (default: training.seed); its MLflow
-    run ends FINISHED or FAILED. Data order, adapter init and head init follow the seed."""
+def finetune(config: dict, method_name: str, parent_run_id: str, seed: Optional[int] = None,
+             point: Optional[dict] = None, phase: str = "final") -> dict[str, float]:
+    """Fine-tune and evaluate one method under one seed (default: training.seed) at one grid
+    point (default: the config's values); its MLflow run ends FINISHED or FAILED. Data order,
+    adapter init and head init follow the seed. A grid run is scored on the selection split, a
+    final run on the test split when the config has one."""
     cfg = revealed(BenchConfig.model_validate(config))
-    if seed is not None:
-        cfg = cfg.for_seed(seed)
-    method = get_method(cfg, method_name)
+    cfg = cfg.for_seed(seed) if seed is not None else cfg
+    cfg = cfg.with_point(method_name, point) if point else cfg
+    method, plan = get_method(cfg, method_name), plan_for(cfg, phase, point)
     device = resolve_device(cfg.training)
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
     tracking.check_reachable(cfg.tracking)
-    logger = get_run_logger()
-    existing = tracking.find_child(cfg.tracking, parent_run_id, method.name, cfg.training.seed)
+    logger, what = get_run_logger(), f"method {method.name}, seed {cfg.training.seed}"
+    what += f", {plan.label}" if phase == "grid" else ""
+    existing = tracking.find_child(cfg.tracking, parent_run_id, method.name, cfg.training.seed,
+                                   plan.label)
     if existing is not None and existing.info.status == "FINISHED":
-        logger.info("method %s, seed %s: already FINISHED in MLflow run %s, left alone",
-                    method.name, cfg.training.seed, existing.info.run_id)
+        logger.info("%s: already FINISHED in MLflow run %s, left alone", what, existing.info.run_id)
         return finished_metrics(existing)
     data = prepare_dataset(cfg.data, cfg.model.name_or_path, cfg.model.revision)
+    plan = replace(plan, key=run_key(cfg, method.name, plan.split_name, data.digest, str(device)))
+    if existing is None and (copied := reuse_earlier(cfg, plan, parent_run_id)):
+        logger.info("%s: reused an earlier FINISHED run with the same settings, data and code "
+                    "(MLflow run %s)", what, copied)
+        return finished_metrics(tracking.client(cfg.tracking).get_run(copied))
     with gpu_slot(cfg):  # waiting for the GPU is not part of the method's run
-        run_id = open_child_run(cfg, method, parent_run_id, device, existing)
-        logger.info("method %s, seed %s: MLflow run %s%s", method.name, cfg.training.seed,
-                    run_id, " (resumed)" if existing is not None else "")
+        run_id = open_child_run(cfg, method, parent_run_id, device, existing, plan)
+        logger.info("%s: MLflow run %s%s", what, run_id, " (resumed)" if existing else "")
         with tracking.closing_run(cfg.tracking, run_id, system_metrics=True):
-            return run_method(cfg, method, data, run_id, device, resumed=existing is not None)
+            return run_method(cfg, method, data, run_id, device, resumed=existing is not None,
+                              split=plan.split)

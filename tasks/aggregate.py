@@ -109,12 +109,28 @@ class Comparison:
 
 
 @dataclass
+class GridPoint:
+    """One grid run of a sweep, scored on the selection split."""
+
+    run_id: str
+    method: str
+    point: dict                      # the swept values, e.g. {"lr": 0.001, "rank": 8}
+    label: str                       # "lr=0.001,rank=8"
+    status: str
+    chosen: bool
+    reused_from: Optional[str]       # the earlier run it was copied from, if it was
+    metrics: dict[str, Optional[float]]  # summary key -> value, as SeedRun.metrics
+
+
+@dataclass
 class Summary:
     parent: Run
     methods: dict[str, MethodAggregate]      # config order
     reference: Optional[str]
     comparisons: list[Comparison]
     notes: list[str] = field(default_factory=list)
+    grids: dict[str, list[GridPoint]] = field(default_factory=dict)  # method -> its grid runs
+    reused: list[str] = field(default_factory=list)  # final runs copied from earlier ones
 
 
 # ---------------------------------------------------------------- reading the children
@@ -233,10 +249,35 @@ def compare(client: MlflowClient, ref: MethodAggregate, other: MethodAggregate,
         memory_ratio=ratio_interval(*both("peak_memory_mb")))
 
 
+def grid_points(client: MlflowClient, parent: Run) -> dict[str, list[GridPoint]]:
+    """The sweep's grid runs, per method (children of the methods' runs), in start order."""
+    import json
+
+    out: dict[str, list[GridPoint]] = {}
+    methods = client.search_runs([parent.info.experiment_id],
+                                 f"tags.`{names.BENCHMARK_RUN}` = '{parent.info.run_id}' and "
+                                 f"tags.`{names.ROLE}` = '{names.ROLE_AGGREGATE}'")
+    for m in methods:
+        runs = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`{names.PARENT}` = '{m.info.run_id}' and "
+                                  f"tags.`{names.ROLE}` = '{names.ROLE_GRID}'",
+                                  order_by=["attributes.start_time ASC"], max_results=5000)
+        for r in runs:
+            s = seed_run(r)
+            out.setdefault(s.method, []).append(GridPoint(
+                r.info.run_id, s.method, json.loads(r.data.tags.get(names.POINT_JSON, "{}")),
+                r.data.tags.get(names.POINT, "default"), r.info.status,
+                r.data.tags.get(names.CHOSEN) == "true", r.data.tags.get(names.REUSED_FROM),
+                s.metrics))
+    return out
+
+
 def summarize(client: MlflowClient, parent: Run) -> Summary:
-    """Everything the report and the aggregate runs need, from the parent's child runs."""
+    """Everything the report and the aggregate runs need, from the parent's child runs (and,
+    for a sweep, the grid runs under the methods' runs)."""
     notes: list[str] = []
-    runs = [seed_run(r) for r in child_runs(client, parent)]
+    children = child_runs(client, parent)
+    runs = [seed_run(r) for r in children]
     methods = {}
     for name in _method_order(parent, runs):
         mine = _latest_per_seed([r for r in runs if r.method == name], notes)
@@ -251,7 +292,9 @@ def summarize(client: MlflowClient, parent: Run) -> Summary:
     elif reference is not None:
         notes.append(f"The reference method {reference} did not finish under any seed: no "
                      f"paired comparison.")
-    return Summary(parent, methods, reference, comparisons, notes)
+    reused = [r.info.run_id for r in children if names.REUSED_FROM in r.data.tags]
+    return Summary(parent, methods, reference, comparisons, notes, grid_points(client, parent),
+                   reused)
 
 
 # ---------------------------------------------------------------- the aggregate runs

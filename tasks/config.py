@@ -2,16 +2,15 @@
 `BenchConfig`, so a bad value is refused in the same words wherever it comes from."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
 from peft_modules.spec import AdapterSpec
+from tasks.sweep import SweepConfig, check_grid, method_grid, points, split_point
 
 DType = Literal["float32", "bfloat16", "float16"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -47,6 +46,26 @@ class DataConfig(_Strict):
         None, ge=2, description="number of classes; inferred from the training split if unset")
     allow_smaller: bool = Field(
         False, description="accept train_size/eval_size above the rows available (all are used)")
+    test_split: Optional[str] = Field(
+        None, description="held-out split the final runs are scored on (sweeps: never seen "
+                          "by selection); the same as eval_split is allowed but optimistic")
+    test_from_train: Optional[float] = Field(
+        None, gt=0, lt=0.5, description="carve a test split of this share from train (seeded, "
+                                        "disjoint from the training rows)")
+    test_size: Optional[int] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_test_source(self):
+        if self.test_split is not None and self.test_from_train is not None:
+            raise ValueError("give data.test_split or data.test_from_train, not both")
+        if self.test_split is not None and self.test_split == self.train_split:
+            raise ValueError(f"data.test_split is the training split {self.train_split!r}; "
+                             "use data.test_from_train to carve a disjoint part of it")
+        return self
+
+    @property
+    def has_test(self) -> bool:
+        return self.test_split is not None or self.test_from_train is not None
     seed: int = 42
 
 
@@ -62,6 +81,13 @@ class MethodConfig(AdapterSpec):
     name: str = Field(..., min_length=1, pattern=r"^[\w.\-]+$")
     quantization: Optional[QuantConfig] = None
     lr: Optional[float] = Field(None, gt=0, description="overrides training.lr for this method")
+    sweep: Optional[dict[str, list[Any]]] = Field(
+        None, description="this method's grid; its keys win over sweep.grid")
+
+    @field_validator("sweep")
+    @classmethod
+    def _own_grid(cls, v):
+        return None if v is None else check_grid(v, "sweep")
 
     @model_validator(mode="after")
     def _quant_default(self):
@@ -175,6 +201,7 @@ class BenchConfig(_Strict):
                                      description="deployment the `deployments` dispatch runs")
     concurrency: ConcurrencyConfig = ConcurrencyConfig()
     regression: RegressionConfig = RegressionConfig()
+    sweep: Optional[SweepConfig] = None
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -185,7 +212,43 @@ class BenchConfig(_Strict):
         ref = self.report.reference
         if ref is not None and ref not in names:
             raise ValueError(f"report.reference: {ref!r} is not a method name (methods: {names})")
+        if any(m.sweep for m in self.methods) and self.sweep is None:
+            raise ValueError("a method has a sweep: grid but the config has no sweep: section")
+        if self.sweep is not None:
+            jobs = self.grid_jobs()
+            for name, point in jobs:  # every value is checked where it will be used
+                try:
+                    self.with_point(name, point)
+                except ValidationError as e:
+                    err = e.errors()[0]
+                    raise ValueError(f"sweep point {point} of {name}: {err['loc'][0]}: "
+                                     f"{err['msg']}") from None
+            runs = len(jobs) + len(self.methods) * len(self.training.run_seeds)
+            if runs > self.sweep.max_runs:
+                raise ValueError(f"sweep: {runs} runs (grid points + finals) exceed "
+                                 f"sweep.max_runs = {self.sweep.max_runs}; shrink the grid or "
+                                 "raise max_runs if you mean it")
         return self
+
+    def method_grid(self, method: "MethodConfig") -> dict[str, list[Any]]:
+        if self.sweep is None:
+            return {}
+        try:
+            return method_grid(self.sweep.grid, method.sweep, method.method)
+        except ValueError as e:
+            raise ValueError(f"methods {method.name}: {e}") from None
+
+    def grid_jobs(self) -> list[tuple[str, dict[str, Any]]]:
+        """(method, point) for every grid run; none without a sweep."""
+        return [(m.name, p) for m in self.methods for p in points(self.method_grid(m))]
+
+    def with_point(self, method_name: str, point: dict[str, Any]) -> "BenchConfig":
+        """The config one run of a grid point sees: the point's method and training values."""
+        on_method, on_training = split_point(point)
+        methods = [MethodConfig.model_validate({**m.model_dump(), **on_method})
+                   if m.name == method_name else m for m in self.methods]
+        training = TrainingConfig.model_validate({**self.training.model_dump(), **on_training})
+        return self.model_copy(update={"methods": methods, "training": training})
 
     @property
     def reference(self) -> str:
@@ -221,144 +284,6 @@ class BenchConfig(_Strict):
         return self.model_copy(update={"methods": kept, "report": report})
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for i, key in enumerate(keys[:-1]):
-        if isinstance(node, list):
-            node = node[int(key)]
-            continue
-        node = node.setdefault(key, {})
-        if not isinstance(node, (dict, list)):
-            raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a section")
-    if isinstance(node, list):
-        node[int(keys[-1])] = value
-    else:
-        node[keys[-1]] = value
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`key.sub=value` pairs; the value is parsed as YAML so numbers and lists keep their type."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        key, value = item.split("=", 1)
-        try:
-            _set_dotted(raw, key.strip(), yaml.safe_load(value))
-        except (ValueError, IndexError) as e:
-            raise ConfigError(f"--set {key}: {e}") from e
-    return raw
-
-
-def tracking_from_files(mlflow_yaml: Path | None) -> dict:
-    """mlflow.yaml supplies the tracking section; MLFLOW_* environment variables win."""
-    tracking: dict = {}
-    if mlflow_yaml is not None and mlflow_yaml.is_file():
-        tracking = yaml.safe_load(mlflow_yaml.read_text()) or {}
-    env = {
-        "MLFLOW_TRACKING_URI": "tracking_uri",
-        "MLFLOW_EXPERIMENT_NAME": "experiment",
-        "MLFLOW_ARTIFACT_LOCATION": "artifact_location",
-    }
-    for var, key in env.items():
-        if os.environ.get(var):
-            tracking[key] = os.environ[var]
-    return tracking
-
-
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid config"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
-        lines.append(f"  {loc}: {e['msg']}")
-    return "\n".join(lines)
-
-
-def build_config(raw: dict, source: str = "config", overrides: list[str] = (),
-                 mlflow_yaml: Path | None = Path("mlflow.yaml")) -> BenchConfig:
-    raw = apply_overrides(dict(raw), list(overrides))
-    tracking = {**tracking_from_files(mlflow_yaml), **(raw.get("tracking") or {})}
-    # Environment variables beat both files.
-    tracking.update(tracking_from_files(None))
-    raw["tracking"] = tracking
-    try:
-        return BenchConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
-
-
-def load_config(path: str | Path, overrides: list[str] = (),
-                mlflow_yaml: Path | None = Path("mlflow.yaml")) -> BenchConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return build_config(raw, str(path), overrides, mlflow_yaml)
-
-
-def cache_root() -> Path:
-    """peft-bench's own cache (prepared data, temporary-server records): PEFT_BENCH_CACHE, else
-    ~/.cache/peft-bench."""
-    return Path(os.environ.get("PEFT_BENCH_CACHE", Path.home() / ".cache" / "peft-bench"))
-
-
-def looks_local(name_or_path: str) -> bool:
-    """A hub id is `org/name` or `name`; anything that exists, or starts like a path, is local."""
-    p = Path(name_or_path).expanduser()
-    return p.exists() or name_or_path.startswith((".", "/", "~")) or not HUB_ID.match(name_or_path)
-
-
-# What a config fingerprint leaves out: the seeds (repeats of the same experiment), where the
-# work runs (dispatch, concurrency), where results go (tracking, report) and the alarm's own
-# thresholds. Two benchmarks with the same fingerprint measure the same thing.
-_FINGERPRINT_EXCLUDE = {"training": {"seed", "seeds", "checkpoint_every", "checkpoint_dir",
-                                     "keep_checkpoints"}, "dispatch": True,
-                        "finetune_deployment": True, "concurrency": True, "tracking": True,
-                        "report": True, "regression": True}
-
-
-def fingerprint(cfg: BenchConfig) -> str:
-    """A short hash of the config as far as it decides the numbers (regression history key)."""
-    import hashlib
-    import json
-
-    tree = cfg.model_dump(mode="json", exclude=_FINGERPRINT_EXCLUDE)
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# Config fields that may hold credentials (a database URI, a private hub mirror, a signed URL).
-SECRET_FIELDS = (("tracking", "tracking_uri"), ("model", "name_or_path"), ("data", "source"))
-
-
-def public_dump(cfg: BenchConfig) -> dict:
-    """The config as JSON with credentials masked: what flow parameters, MLflow params and the
-    logged config.yaml hold. The real values are remembered in this process (`revealed`)."""
-    from tasks.secrets import redact_tree, register
-
-    for section, field in SECRET_FIELDS:
-        register(getattr(getattr(cfg, section), field))
-    return redact_tree(cfg.model_dump(mode="json"))
-
-
-def revealed(cfg: BenchConfig) -> BenchConfig:
-    """The config with masked credentials put back, where this process knows them; the
-    environment's MLFLOW_TRACKING_URI (a worker's) wins for the store, as everywhere."""
-    from tasks.secrets import MASK, reveal
-
-    update = {}
-    for section, field in SECRET_FIELDS:
-        part = getattr(cfg, section)
-        value = reveal(getattr(part, field))
-        if section == "tracking" and os.environ.get("MLFLOW_TRACKING_URI"):
-            value = os.environ["MLFLOW_TRACKING_URI"]
-        if MASK in value and value == getattr(part, field):
-            raise ConfigError(f"{section}.{field}: holds masked credentials ({value}) that this "
-                              "process does not know; give the real value through the "
-                              "environment (MLFLOW_TRACKING_URI) or --set")
-        update[section] = part.model_copy(update={field: value})
-    return cfg.model_copy(update=update)
+from tasks.config_io import (apply_overrides, build_config, cache_root, fingerprint,  # noqa: E402,F401
+                             format_validation_error, load_config, looks_local, public_dump,
+                             revealed, tracking_from_files)

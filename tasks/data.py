@@ -25,7 +25,8 @@ from tasks.dataset import (EXTENSIONS, DataError, DataSummary, _load, load_split
 
 @dataclass
 class PreparedData:
-    """Everything training and evaluation need from the data; picklable for Prefect's cache."""
+    """Everything training and evaluation need from the data: the training rows, the selection
+    split (`eval`) and, when the config has one, the held-out `test` split."""
 
     train: SplitData
     eval: SplitData
@@ -39,10 +40,20 @@ class PreparedData:
     at_max_length: dict[str, int]  # sequences that reached max_length (so possibly truncated)
     summary: DataSummary
     frames: dict[str, pd.DataFrame] = field(repr=False)  # role -> selected raw rows
+    test: Optional[SplitData] = None
+
+    def split(self, role: str) -> SplitData:
+        """"eval" (the selection split) or "test"."""
+        if role == "test" and self.test is None:
+            raise ValueError("no test split: set data.test_split or data.test_from_train")
+        return self.test if role == "test" else self.eval
+
+    def texts(self, role: str) -> list[str]:
+        return self.frames[role]["text"].tolist()
 
     @property
     def eval_texts(self) -> list[str]:
-        return self.frames["eval"]["text"].tolist()
+        return self.texts("eval")
 
     def train_df(self) -> pd.DataFrame:
         """Selected training rows (`text`, `label`), e.g. for `mlflow.data.from_pandas`."""
@@ -86,7 +97,8 @@ def tokenize_splits(cfg: DataConfig, tokenizer_name_or_path: str,
     for role, frame in frames.items():
         splits[role], at_max[role] = _encode(tokenizer, frame, summary.files[role], cfg.max_length)
     return PreparedData(
-        train=splits["train"], eval=splits["eval"], num_labels=summary.num_labels,
+        train=splits["train"], eval=splits["eval"], test=splits.get("test"),
+        num_labels=summary.num_labels,
         pad_token_id=int(tokenizer.pad_token_id), digest=summary.digest, source=cfg.source,
         tokenizer=tokenizer_name_or_path, tokenizer_revision=revision, max_length=cfg.max_length,
         at_max_length=at_max, summary=summary, frames=frames)
@@ -94,7 +106,7 @@ def tokenize_splits(cfg: DataConfig, tokenizer_name_or_path: str,
 
 # ---------------------------------------------------------------- the cache
 
-CACHE_FORMAT = "2"  # bump when the cached layout changes
+CACHE_FORMAT = "3"  # bump when the cached layout changes
 CODE = [Path(__file__).parent / f for f in ("dataset.py", "data.py", "collate.py")]
 _TOKENIZER_FILES = (".json", ".txt", ".model", ".tiktoken")  # not weights: they can be GBs
 _sha_memo: dict[tuple[str, int, int], str] = {}
@@ -116,7 +128,7 @@ def _local_files(cfg: DataConfig, tokenizer: str) -> list[Path]:
     files = []
     source = Path(cfg.source).expanduser()
     if looks_local(cfg.source) and source.is_dir():
-        for split in (cfg.train_split, cfg.eval_split):
+        for split in dict.fromkeys(x for x in (cfg.train_split, cfg.eval_split, cfg.test_split) if x):
             files += [p for p in (source / f"{split}{e}" for e in EXTENSIONS) if p.is_file()][:1]
     tok = Path(tokenizer).expanduser()
     if looks_local(tokenizer) and tok.is_dir():
@@ -153,12 +165,15 @@ def _save(data: PreparedData, folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))  # mode 0o700
     try:
-        for role, split in (("train", data.train), ("eval", data.eval)):
+        for role, split in (("train", data.train), ("eval", data.eval), ("test", data.test)):
+            if split is None:
+                continue
             frame = data.frames[role]
             pd.DataFrame({"position": frame.index, "text": frame["text"],
                           "label": frame["label"].astype(int),
                           "input_ids": split.input_ids}).to_parquet(tmp / f"{role}.parquet")
-        meta = {k: v for k, v in asdict(data).items() if k not in ("train", "eval", "frames")}
+        meta = {k: v for k, v in asdict(data).items()
+                if k not in ("train", "eval", "test", "frames")}
         meta["units"] = {role: f.index.name for role, f in data.frames.items()}
         (tmp / "meta.json").write_text(json.dumps(meta))
         for f in tmp.iterdir():
@@ -178,7 +193,9 @@ def _read(folder: Path) -> PreparedData:
     meta = json.loads((folder / "meta.json").read_text())
     units = meta.pop("units")
     splits, frames = {}, {}
-    for role in ("train", "eval"):
+    for role in ("train", "eval", "test"):
+        if not (folder / f"{role}.parquet").is_file():
+            continue
         t = pd.read_parquet(folder / f"{role}.parquet")
         splits[role] = SplitData([list(map(int, ids)) for ids in t["input_ids"]],
                                  t["label"].astype(int).tolist())
@@ -186,8 +203,8 @@ def _read(folder: Path) -> PreparedData:
                                     index=pd.Index(t["position"].tolist(), name=units[role]))
     s = meta.pop("summary")
     s["label_counts"] = {r: {int(k): v for k, v in c.items()} for r, c in s["label_counts"].items()}
-    return PreparedData(train=splits["train"], eval=splits["eval"], summary=DataSummary(**s),
-                        frames=frames, **meta)
+    return PreparedData(train=splits["train"], eval=splits["eval"], test=splits.get("test"),
+                        summary=DataSummary(**s), frames=frames, **meta)
 
 
 def prepare_cached(cfg: DataConfig, tokenizer: str, revision: Optional[str] = None,

@@ -47,7 +47,10 @@ class DataSummary:
     train_available: int  # rows in the split before `train_size` subsetting
     eval_available: int
     label_counts: dict[str, dict[int, int]]  # role -> label -> count, every label listed
-    digest: str  # sha256 over the selected rows (text + label), train then eval
+    digest: str  # sha256 over the selected rows (text + label), train then eval (then test)
+    test_rows: int = 0
+    test_available: int = 0
+    test_is_eval: bool = False  # the test split is the selection split: optimistic numbers
 
 
 # ---------------------------------------------------------------- reading one split
@@ -160,7 +163,7 @@ def _read_hub(cfg: DataConfig) -> dict[str, _Table]:
         raise DataError(f"hub dataset {cfg.source!r}: {e}") from None
     # Network errors propagate as they are, so the Prefect task's retries can handle them.
     tables = {}
-    for split in (cfg.train_split, cfg.eval_split):
+    for split in dict.fromkeys(s for s in (cfg.train_split, cfg.eval_split, cfg.test_split) if s):
         if split not in dsd:
             raise DataError(f"hub dataset {cfg.source!r} has no split {split!r} "
                             f"(splits: {sorted(dsd)})")
@@ -285,39 +288,72 @@ def _check_classes(train: pd.DataFrame, where: str, cfg: DataConfig) -> None:
                         f"classifier needs at least two classes to learn from")
 
 
+def _tables(cfg: DataConfig, roles: dict[str, str]) -> dict[str, _Table]:
+    folder = _local_folder(cfg)
+    if folder is None:
+        return _read_hub(cfg)
+    paths = {s: _split_file(folder, s) for s in dict.fromkeys(roles.values())}
+    return {s: _READERS[p.suffix](p) for s, p in paths.items()}
+
+
+def _carve_test(train: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train rows left, test rows): a seeded share of the training split, taken before the
+    training subset is drawn, so no test row is ever trained on."""
+    n = max(1, round(cfg.test_from_train * len(train)))
+    test = _subset(train, n, cfg.seed, "test-from-train")
+    return train.drop(test.index), test
+
+
 def _load(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], DataSummary]:
-    """Read, validate and subset both splits; frames are keyed by role ("train", "eval")."""
+    """Read, validate and subset the splits; frames are keyed by role ("train", "eval" and,
+    with a test split, "test")."""
     if cfg.train_split == cfg.eval_split:
         raise DataError(f"data: train_split and eval_split are both {cfg.train_split!r}; "
                         f"the benchmark needs held-out evaluation data")
-    folder = _local_folder(cfg)
-    if folder is None:
-        tables = _read_hub(cfg)
-    else:
-        paths = {s: _split_file(folder, s) for s in (cfg.train_split, cfg.eval_split)}
-        tables = {s: _READERS[p.suffix](p) for s, p in paths.items()}
     roles = {"train": cfg.train_split, "eval": cfg.eval_split}
+    if cfg.test_split:
+        roles["test"] = cfg.test_split
+    tables = _tables(cfg, roles)
+    where = {role: tables[split].where for role, split in roles.items()}
     full = {role: _clean(tables[split], cfg, split) for role, split in roles.items()}
-    num_labels, why = _num_labels(cfg, full["train"], tables[cfg.train_split].where)
+    if cfg.test_from_train:
+        full["train"], full["test"] = _carve_test(full["train"], cfg)
+        roles["test"], where["test"] = "test-from-train", f"{where['train']} (test_from_train)"
+    num_labels, why = _num_labels(cfg, full["train"], where["train"])
     for role, frame in full.items():
-        _check_range(frame, tables[roles[role]].where, cfg.label_column, num_labels, why)
-    frames = {role: _subset(full[role], _size(cfg, role, full[role], tables[roles[role]].where),
+        _check_hidden(frame, where[role], role)
+        _check_range(frame, where[role], cfg.label_column, num_labels, why)
+    frames = {role: _subset(full[role], _size(cfg, role, full[role], where[role]),
                             cfg.seed, roles[role], cfg.subset) for role in roles}
-    _check_classes(frames["train"], tables[cfg.train_split].where, cfg)
+    _check_classes(frames["train"], where["train"], cfg)
     counts = {role: {k: int((f["label"] == k).sum()) for k in range(num_labels)}
               for role, f in frames.items()}
     summary = DataSummary(
-        source=cfg.source, files={r: tables[s].where for r, s in roles.items()},
-        num_labels=num_labels, train_rows=len(frames["train"]), eval_rows=len(frames["eval"]),
+        source=cfg.source, files=where, num_labels=num_labels,
+        train_rows=len(frames["train"]), eval_rows=len(frames["eval"]),
         train_available=len(full["train"]), eval_available=len(full["eval"]),
-        label_counts=counts, digest=_digest(frames))
+        label_counts=counts, digest=_digest(frames),
+        test_rows=len(frames.get("test", ())), test_available=len(full.get("test", ())),
+        test_is_eval=cfg.test_split is not None and cfg.test_split == cfg.eval_split)
     return frames, summary
+
+
+def _check_hidden(frame: pd.DataFrame, where: str, role: str) -> None:
+    """The hub's SST-2 (like GLUE) hides its test labels as -1: say what to do instead."""
+    if len(frame) and (frame["label"] == -1).all():
+        fix = ("set data.test_from_train: 0.1 to carve a labelled test split from the training "
+               "data (seeded, disjoint from the training rows), or point data.test_split at "
+               "labelled data" if role == "test" else "use a split with labels")
+        raise DataError(f"{where}: every label is -1: the labels of this split are hidden; {fix}")
 
 
 def load_splits(cfg: DataConfig) -> dict[str, pd.DataFrame]:
     """Selected, validated rows of `cfg.train_split` and `cfg.eval_split`, keyed by split name."""
     frames, _ = _load(cfg)
-    return {cfg.train_split: frames["train"], cfg.eval_split: frames["eval"]}
+    out = {cfg.train_split: frames["train"], cfg.eval_split: frames["eval"]}
+    if "test" in frames and cfg.test_split != cfg.eval_split:
+        out[cfg.test_split or "test-from-train"] = frames["test"]
+    return out
 
 
 def validate_data(cfg: DataConfig) -> DataSummary:

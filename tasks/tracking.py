@@ -154,15 +154,17 @@ def set_tags(run_id: str, tracking: TrackingConfig, tags: dict[str, str]) -> Non
     client(tracking).log_batch(run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
 
-def find_child(tracking: TrackingConfig, parent_run_id: str, method: str, seed: int):
-    """The latest child run of a parent for one (method, seed), or None."""
+def find_child(tracking: TrackingConfig, parent_run_id: str, method: str, seed: int,
+               point: str = "default"):
+    """The latest child run of a parent for one (method, seed, grid point label), or None."""
     c = client(tracking)
     exp = c.get_experiment_by_name(tracking.experiment)
     if exp is None:
         return None
     runs = c.search_runs([exp.experiment_id],
                          f"tags.`{names.PARENT}` = '{parent_run_id}' and "
-                         f"tags.`{names.METHOD}` = '{method}' and tags.`{names.SEED}` = '{seed}'",
+                         f"tags.`{names.METHOD}` = '{method}' and tags.`{names.SEED}` = '{seed}' "
+                         f"and tags.`{names.POINT}` = '{point}'",
                          order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
