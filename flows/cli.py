@@ -109,6 +109,29 @@ def _run_flow(cfg, config: Optional[Path], as_dict: Optional[dict], masked: list
         _fail("regression flagged and regression.fail_on_regression is set", code=3)
 
 
+@app.command()
+def plan(config: Path = typer.Argument(..., help="benchmark YAML, e.g. configs/quickstart-sweep.yaml"),
+         set_: list[str] = typer.Option([], "--set", help="override, e.g. sweep.max_runs=200"),
+         methods: Optional[str] = typer.Option(None, help="comma-separated method names"),
+         workers: int = typer.Option(1, min=1, help="workers the runs would spread over")) -> None:
+    """Print the runs a benchmark would start (grid points and final runs) and an estimate of
+    their time from the MLflow history of the same model and data; trains nothing."""
+    from flows import launch
+    from flows.plan import describe
+    from tasks.dataset import DataError, validate_data
+
+    selected = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    try:
+        cfg, _ = launch.load(config, set_, selected, None)
+        summary = validate_data(cfg.data)
+    except launch.LaunchError as e:
+        _fail(str(e), code=e.code)
+    except DataError as e:
+        _fail(str(e))
+    for item in describe(cfg, summary.train_rows, summary.digest, workers):
+        console.print(item, highlight=False) if isinstance(item, str) else console.print(item)
+
+
 @app.command("close-stale")
 def close_stale(experiment: Optional[str] = typer.Option(None, help="MLflow experiment name"),
                 tracking_uri: Optional[str] = typer.Option(None, help="defaults to mlflow.yaml / env")) -> None:
