@@ -18,7 +18,7 @@ from transformers import AutoConfig
 from flows.finetune import finetune, prefect_tags
 from flows.jobs import Job, final_jobs
 from flows.sweeping import run_grid
-from tasks import names, tracking
+from tasks import names, progress, tracking
 from tasks.conclude import conclude_task
 from tasks.config import (BenchConfig, ConfigError, build_config, fingerprint, load_config,
                           public_dump, revealed)
@@ -88,6 +88,13 @@ def start_parent_run(cfg: BenchConfig, data_digest: str, source: str,
             names.GIT_SHA: tracking.git_sha(), names.DEVICE: str(resolve_device(cfg.training)),
             names.DATA_DIGEST: data_digest, names.DATA_SOURCE: source, **prefect_tags()}
     return tracking.create_run(cfg, tags, run_name=cfg.name, params=params)
+
+
+def planned_total_steps(cfg: BenchConfig, train_rows: int) -> int:
+    from flows.plan import planned_steps
+
+    grid = sum(planned_steps(cfg, train_rows, point) for _, point in cfg.grid_jobs())
+    return grid + planned_steps(cfg, train_rows) * len(cfg.runs())
 
 
 def run_key(method: str, seed: int) -> str:
@@ -187,9 +194,13 @@ def benchmark(config_path: Optional[str] = None, overrides: Optional[list[str]] 
     else:
         parent = start_parent_run(cfg, data.digest, redact(data.source), summary)
     logger = get_run_logger()
-    logger.info("MLflow parent run %s%s (%s): %d method(s) x %d seed(s)", parent,
-                " (resumed)" if resume else "", redact(cfg.tracking.tracking_uri),
-                len(cfg.methods), len(cfg.training.run_seeds))
+    grid = f" + {len(cfg.grid_jobs())} grid points" if cfg.sweep else ""
+    progress.say(f"benchmark {cfg.name}: MLflow parent run {parent}{' (resumed)' if resume else ''}"
+                 f" in {redact(cfg.tracking.tracking_uri)}: {len(cfg.methods)} method(s) x "
+                 f"{len(cfg.training.run_seeds)} seed(s){grid}")
+    if cfg.dispatch == "local":
+        progress.start_overall(planned_total_steps(cfg, summary.train_rows),
+                               len(cfg.grid_jobs()) + len(cfg.runs()))
     with tracking.closing_run(cfg.tracking, parent):
         tracking.log_config(parent, cfg)
         ensure_gpu_limit(cfg)
@@ -199,6 +210,7 @@ def benchmark(config_path: Optional[str] = None, overrides: Optional[list[str]] 
         finals = {k: v for k, v in states.items() if not k.startswith("grid:")}
         all_failed = bool(finals) and all(s != "COMPLETED" for s in finals.values())
         check = conclude_task(cfg, parent)
+        progress.close_overall()
         report = generate_report_task(parent, cfg.tracking.tracking_uri, Path(cfg.report.output_dir))
         if all_failed:  # the parent is FAILED too, after the report says why
             raise AllRunsFailed(f"every run failed: {tags[names.FAILED_RUNS]}")

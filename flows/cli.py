@@ -59,33 +59,42 @@ def run(config: Optional[Path] = typer.Argument(
         resume: Optional[str] = typer.Option(
             None, help="continue an interrupted benchmark: its parent run id"),
         server_timeout: Optional[float] = typer.Option(
-            None, help="seconds to wait for the temporary Prefect server (default 120)")) -> None:
+            None, help="seconds to wait for the temporary Prefect server (default 120)"),
+        verbose: bool = typer.Option(False, "--verbose", "-v",
+                                     help="show every library's log lines, not only ours")) -> None:
     """Run a benchmark: every method under every seed, then the report. Exit 1 if a run
     failed, 2 on bad input, 3 if a regression was flagged with regression.fail_on_regression,
     4 if the MLflow store or the Prefect server cannot be reached or started."""
+    import os
+
     from flows import launch
     from tasks.secrets import install_log_filter
 
+    # MLflow's own logger setup would print its INFO lines to the console whatever we do later.
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     install_log_filter()
     selected = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     masked = launch.mask_overrides(set_)
     try:  # everything that can be checked is checked before a server or a flow starts
         cfg, as_dict = launch.load(config, set_, selected, resume)
+        quiet_other_libraries(run_log(cfg), verbose)
         launch.check(cfg, lambda line: console.print(f"[yellow]{line}[/yellow]", highlight=False))
         launch.server(server_timeout)
     except launch.LaunchError as e:
         _fail(str(e), code=e.code)
-    _run_flow(cfg, config, as_dict, masked, selected, resume)
+    _run_flow(cfg, config, as_dict, masked, selected, resume, verbose)
 
 
 def _run_flow(cfg, config: Optional[Path], as_dict: Optional[dict], masked: list[str],
-              selected: Optional[list[str]], resume: Optional[str]) -> None:
+              selected: Optional[list[str]], resume: Optional[str], verbose: bool = False) -> None:
     from flows import console as quiet
     from flows.benchmark import AllRunsFailed, RegressionError, benchmark
     from tasks.config import public_dump
     from tasks.secrets import redact
 
+    log_file = quiet.log_path() or run_log(cfg)
     quiet.install()
+    quiet.quiet_other_libraries(log_file, verbose)  # again: importing Prefect reset logging
 
     regressed = False
     source = ({"config_path": str(config)} if config is not None
@@ -99,6 +108,7 @@ def _run_flow(cfg, config: Optional[Path], as_dict: Optional[dict], masked: list
         _fail(f"{e}; see the report and `peft-bench compare`", code=1)
     except (ValueError, ConnectionError) as e:  # checks the flow repeats for deployments
         _fail(redact(str(e)))
+    _keep_log(cfg, result["parent_run_id"], log_file)
     show_benchmark(cfg.tracking.tracking_uri, result["parent_run_id"])
     console.print(f"report:  {result['report_html']}\n         {result['report_md']}")
     console.print(f"MLflow:  parent run {result['parent_run_id']}; open the UI with\n"
@@ -130,6 +140,65 @@ def plan(config: Path = typer.Argument(..., help="benchmark YAML, e.g. configs/q
         _fail(str(e))
     for item in describe(cfg, summary.train_rows, summary.digest, workers):
         console.print(item, highlight=False) if isinstance(item, str) else console.print(item)
+
+
+@app.command()
+def export(run_id: str = typer.Argument(..., help="a finished method run (child or grid point)"),
+           out: Path = typer.Argument(..., help="folder to write"),
+           merged: bool = typer.Option(False, help="write a plain transformers model with the "
+                                                   "adapter merged in"),
+           tracking_uri: Optional[str] = typer.Option(None, help="defaults to mlflow.yaml / env")) -> None:
+    """Write a run's adapter in Hugging Face peft's layout (load it with
+    peft.PeftModel.from_pretrained), or with --merged an ordinary model."""
+    from tasks.export import ExportError, export_run
+
+    uri, _ = _tracking(tracking_uri, None)
+    try:
+        path = export_run(uri, run_id, out, merged)
+    except ExportError as e:
+        _fail(str(e), code=1)
+    console.print(f"{'merged model' if merged else 'adapter'} written to {path}")
+
+
+@app.command()
+def promote(run_id: str = typer.Argument(..., help="a finished adapter run"),
+            name: str = typer.Option(..., help="registered model name"),
+            alias: Optional[str] = typer.Option(None, help="e.g. champion"),
+            tracking_uri: Optional[str] = typer.Option(None, help="defaults to mlflow.yaml / env")) -> None:
+    """Register a run's peft adapter as a new version of a registered model in MLflow."""
+    from tasks.export import ExportError, promote as register
+
+    uri, _ = _tracking(tracking_uri, None)
+    try:
+        version = register(uri, run_id, name, alias)
+    except ExportError as e:
+        _fail(str(e), code=1)
+    console.print(f"registered {name} version {version}" + (f" as @{alias}" if alias else ""))
+
+
+def run_log(cfg) -> Path:
+    import time
+
+    return Path(cfg.report.output_dir) / "logs" / time.strftime("run-%Y%m%d-%H%M%S.log")
+
+
+def quiet_other_libraries(log_file: Path, verbose: bool) -> None:
+    from flows.console import quiet_other_libraries as quiet
+
+    quiet(log_file, verbose)
+
+
+def _keep_log(cfg, parent_run_id: str, log_file: Path) -> None:
+    """The run's full log (every library's lines) as an artifact of the parent run."""
+    import logging
+
+    from tasks import names, tracking
+
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    if log_file.is_file():
+        tracking.log_artifact(parent_run_id, cfg.tracking, log_file, names.LOG_ARTIFACTS)
+        console.print(f"log:     {log_file} (and in the parent run's logs/ artifacts)")
 
 
 @app.command("close-stale")

@@ -5,6 +5,8 @@ nothing the one-line message does not. The traceback still reaches Prefect's API
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Optional
 
 from tasks.secrets import RedactingFilter
 
@@ -43,3 +45,69 @@ def install() -> None:
                 for f in filters:
                     if not any(type(x) is type(f) for x in handler.filters):
                         handler.addFilter(f)
+
+
+class _Console(logging.Handler):
+    """Prints through tqdm, so lines do not tear the progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record))
+        except Exception:  # noqa: BLE001 - a console that is gone must not stop the run
+            self.handleError(record)
+
+
+class _OursOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tasks.progress import LOGGER
+
+        return record.name == LOGGER
+
+
+_handlers: list[logging.Handler] = []
+
+
+def quiet_other_libraries(log_file: Path, verbose: bool) -> None:
+    """Everything (Prefect's task lines, MLflow's, transformers' load reports and progress bars,
+    bitsandbytes' kernel notice, Python warnings) goes to `log_file`; the console shows our
+    progress lines only, or with `verbose` everything as well. Call it before the checks, and
+    again once Prefect is imported: Prefect configures logging on import, replacing the root
+    logger's handlers."""
+    import transformers
+
+    if not _handlers:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(log_file, encoding="utf-8")
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        to_file.addFilter(RedactingFilter())
+        console = _Console()
+        console.setFormatter(logging.Formatter("%(message)s"))
+        console.addFilter(RedactingFilter())
+        if not verbose:
+            console.addFilter(_OursOnly())
+            transformers.utils.logging.disable_progress_bar()
+        _handlers.extend([to_file, console])
+    logging.captureWarnings(True)
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+    for name in ("", "prefect", "mlflow"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if handler not in _handlers and (verbose is False) and not isinstance(
+                    handler, logging.FileHandler) and isinstance(handler, logging.StreamHandler):
+                logger.removeHandler(handler)
+        if name == "" or not logger.propagate:
+            for handler in _handlers if name == "" else _handlers[:1]:
+                if handler not in logger.handlers:
+                    logger.addHandler(handler)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    logging.getLogger("peft_bench").setLevel(logging.INFO)
+    if _handlers and isinstance(_handlers[0], logging.FileHandler):
+        _handlers[0].addFilter(ExpectedErrorFilter(expected_errors()))
+
+
+def log_path() -> Optional[Path]:
+    return Path(_handlers[0].baseFilename) if _handlers else None

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import deployment, flow_run
 
 import peft_modules as pm
-from tasks import checkpoint, names, sweep, tracking
+from tasks import checkpoint, names, progress, sweep, tracking
 from tasks.config import BenchConfig, MethodConfig, public_dump, revealed
 from tasks.lifecycle import owner_alive, owner_tag, reopen
 from tasks.reuse import copy_run, find_reusable, run_key
@@ -137,18 +137,29 @@ def checkpoint_plan(cfg: BenchConfig, run_id: str) -> Optional[CheckpointPlan]:
     return CheckpointPlan(Path(cfg.training.checkpoint_dir) / run_id, every) if every else None
 
 
+def save_weights(cfg: BenchConfig, method: MethodConfig, model, folder: Path) -> Path:
+    """The trained weights as others load them: an adapter in Hugging Face peft's layout
+    (adapter_model.safetensors + adapter_config.json, the head as modules_to_save), which
+    `peft.PeftModel.from_pretrained` and peft-serving stacks read; for full fine-tuning every
+    trained tensor (our layout). Returns the weights file (its size is the adapter size)."""
+    if method.method == "full":
+        return pm.save_adapter(model, method.adapter_spec(), folder)
+    return pm.save_peft_adapter(model, method.adapter_spec(), folder,
+                                base_model_name_or_path=redact(cfg.model.name_or_path))
+
+
 def log_outputs(run_id: str, cfg: BenchConfig, method: MethodConfig, model, ev: EvalResult,
                 out: Path) -> float:
     """Artifacts: adapter (or full weights), predictions, confusion matrix, resolved config."""
-    adapter_dir = out / "adapter"
-    weights = pm.save_adapter(model, method.adapter_spec(), adapter_dir)
+    adapter_dir = out / names.ADAPTER_ARTIFACTS
+    weights = save_weights(cfg, method, model, adapter_dir)
     ev.predictions.to_csv(out / names.PREDICTIONS, index=False)
     plot_confusion(ev.confusion, out / "confusion_matrix.png", method.name)
     for name in (names.PREDICTIONS, "confusion_matrix.png"):
         tracking.log_artifact(run_id, cfg.tracking, out / name)
     tracking.log_config(run_id, cfg)
     if cfg.tracking.log_weights:
-        tracking.log_artifact(run_id, cfg.tracking, adapter_dir, "adapter")
+        tracking.log_artifact(run_id, cfg.tracking, adapter_dir, names.ADAPTER_ARTIFACTS)
     return weights.stat().st_size / 2**20
 
 
@@ -172,12 +183,16 @@ def run_method(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_i
     summary_metrics = summary_of(res, summary, ev, peak_mb, model_size_mb, adapter_mb)
     tracking.log_metrics(run_id, cfg.tracking, summary_metrics, res.steps)
     tracking.log_history(run_id, cfg.tracking, names.STEP_TIME, res.step_times)
-    tracking.set_tags(run_id, cfg.tracking, timing_tags(method.name, res, cfg))
+    tracking.set_tags(run_id, cfg.tracking, {**timing_tags(method.name, res, cfg),
+                                             names.RUN_NOTE: run_note(cfg, method, {
+        **summary_metrics, names.EVAL_ACCURACY: ev.metrics["accuracy"],
+        names.EVAL_F1: ev.metrics["f1_macro"]})})
     if res.resumed_from is not None:
         tracking.set_tags(run_id, cfg.tracking, {names.RESUMED: str(res.resumed_from)})
     if not cfg.training.keep_checkpoints:
         checkpoint.clear(Path(cfg.training.checkpoint_dir) / run_id)
-    return summary_metrics
+    return {**summary_metrics, names.EVAL_ACCURACY: ev.metrics["accuracy"],
+            names.EVAL_F1: ev.metrics["f1_macro"]}
 
 
 def summary_of(res: TrainResult, summary: pm.AdapterSummary, ev: EvalResult, peak_mb: float,
@@ -196,6 +211,18 @@ def summary_of(res: TrainResult, summary: pm.AdapterSummary, ev: EvalResult, pea
         if res.load.gpu_others is not None:
             out[names.OTHER_GPU_PROCS] = res.load.gpu_others
     return out
+
+
+def run_note(cfg: BenchConfig, method: MethodConfig, m: dict[str, float]) -> str:
+    """The run's description in the MLflow UI: what it is and its headline numbers."""
+    settings = f"lr {method.lr or cfg.training.lr:g}"
+    if method.method != "full":
+        settings += f", rank {method.rank}, alpha {method.alpha:g}, targets {method.targets}"
+    return (f"**{method.name}** ({method.method}), seed {cfg.training.seed}, on "
+            f"`{redact(cfg.model.name_or_path)}`: {settings}.\n\n"
+            f"| accuracy | F1 | train s | peak MB | trainable |\n|---:|---:|---:|---:|---:|\n"
+            f"| {m.get(names.EVAL_ACCURACY, float('nan')):.4f} | {m.get(names.EVAL_F1, float('nan')):.4f} "
+            f"| {m[names.TRAIN_TIME]:.1f} | {m[names.PEAK_MEMORY]:.0f} | {m[names.TRAINABLE_PARAMS]:,.0f} |")
 
 
 def timing_tags(method: str, res: TrainResult, cfg: BenchConfig) -> dict[str, str]:
@@ -288,22 +315,29 @@ def finetune(config: dict, method_name: str, parent_run_id: str, seed: Optional[
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
     tracking.check_reachable(cfg.tracking)
-    logger, what = get_run_logger(), f"method {method.name}, seed {cfg.training.seed}"
+    what = f"{method.name} seed {cfg.training.seed}"
     what += f", {plan.label}" if phase == "grid" else ""
     existing = tracking.find_child(cfg.tracking, parent_run_id, method.name, cfg.training.seed,
                                    plan.label)
     if existing is not None and existing.info.status == "FINISHED":
-        logger.info("%s: already FINISHED in MLflow run %s, left alone", what, existing.info.run_id)
+        progress.say(f"= {what}: already FINISHED in MLflow run {existing.info.run_id}, left alone")
         return finished_metrics(existing)
     data = prepare_dataset(cfg.data, cfg.model.name_or_path, cfg.model.revision)
     plan = replace(plan, key=run_key(cfg, method.name, plan.split_name, data.digest, str(device)))
     if existing is None and (copied := reuse_earlier(cfg, plan, parent_run_id)):
-        logger.info("%s: reused an earlier FINISHED run with the same settings, data and code "
-                    "(MLflow run %s)", what, copied)
+        progress.say(f"↺ {what}: reused an earlier FINISHED run with the same settings, data "
+                     f"and code (MLflow run {copied})")
         return finished_metrics(tracking.client(cfg.tracking).get_run(copied))
     with gpu_slot(cfg):  # waiting for the GPU is not part of the method's run
         run_id = open_child_run(cfg, method, parent_run_id, device, existing, plan)
-        logger.info("%s: MLflow run %s%s", what, run_id, " (resumed)" if existing else "")
-        with tracking.closing_run(cfg.tracking, run_id, system_metrics=True):
-            return run_method(cfg, method, data, run_id, device, resumed=existing is not None,
-                              split=plan.split)
+        progress.say(f"▶ {what}: MLflow run {run_id}{' (resumed)' if existing else ''}")
+        try:
+            with tracking.closing_run(cfg.tracking, run_id, system_metrics=True):
+                out = run_method(cfg, method, data, run_id, device,
+                                 resumed=existing is not None, split=plan.split)
+        except Exception as e:
+            progress.say(f"✗ {what}: FAILED: {redact(str(e)).splitlines()[0][:300]}")
+            raise
+    progress.say(f"✓ {what}: {plan.split_name} accuracy {out.get(names.EVAL_ACCURACY, 0):.4f}, "
+                 f"train {out[names.TRAIN_TIME]:.1f} s, peak {out[names.PEAK_MEMORY]:,.0f} MB")
+    return out

@@ -325,6 +325,27 @@ def aggregate_metrics(agg: MethodAggregate, comparison: Optional[Comparison]) ->
     return out
 
 
+def method_note(agg: MethodAggregate, comparison: Optional[Comparison], bench: str) -> str:
+    """The aggregate run's description: its means over seeds and its verdict."""
+    def cell(key: str, fmt: str) -> str:
+        iv = agg.stats.get(key)
+        if iv is None:
+            return "—"
+        return fmt.format(iv.mean) + (f" ± {fmt.format((iv.high - iv.low) / 2)}"
+                                      if iv.has_interval else "")
+    lines = [f"**{agg.method}** ({agg.kind}) in benchmark `{bench}`: mean ± 95% CI over "
+             f"{len(agg.finished)} of {len(agg.runs)} seeds.", "",
+             "| accuracy | train s | peak MB |", "|---:|---:|---:|",
+             f"| {cell('accuracy', '{:.4f}')} | {cell('train_time_s', '{:.1f}')} | "
+             f"{cell('peak_memory_mb', '{:.0f}')} |"]
+    if comparison is not None and comparison.acc_diff is not None:
+        d = comparison.acc_diff
+        ci = f" [{100 * d.low:+.1f}, {100 * d.high:+.1f}]" if d.has_interval else ""
+        sig = {True: "significant", False: "not significant", None: "undecided"}[comparison.significant]
+        lines += ["", f"vs {comparison.reference}: {100 * d.mean:+.1f} pt{ci}, {sig}"]
+    return "\n".join(lines)
+
+
 def log_aggregates(client: MlflowClient, summary: Summary) -> dict[str, str]:
     """One top-level run per method (created once per benchmark, updated on a re-run), ending
     FINISHED, or FAILED when no seed of the method finished. Returns method -> run id."""
@@ -342,6 +363,7 @@ def log_aggregates(client: MlflowClient, summary: Summary) -> dict[str, str]:
                 names.CONFIG_HASH: parent.data.tags.get(names.CONFIG_HASH, "")}
         if agg.failures:
             tags[names.ERROR] = "; ".join(f"seed {r.seed}: {r.error}" for r in agg.failures)[:5000]
+        tags[names.RUN_NOTE] = method_note(agg, by_method.get(name), bench)
         run_id = existing.get(name) or client.create_run(
             parent.info.experiment_id, run_name=f"{name} [{bench}]").info.run_id
         client.log_batch(run_id, metrics=aggregate_metrics(agg, by_method.get(name)),

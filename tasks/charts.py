@@ -278,8 +278,8 @@ def draw_all(rows: Rows, histories: Histories, reference: Optional[str], colors,
         ("train_time", "Training time", "Wall-clock training time per method, mean over seeds "
          "with its 95% interval." + no_baseline,
          lambda p: time_chart(rows, reference, colors, p)),
-        ("eval_accuracy", "Validation accuracy", "eval/accuracy at each evaluation, and the "
-         "final value.", lambda p: accuracy_chart(rows, histories, colors, p)),
+        ("eval_accuracy", "Evaluation accuracy", "eval/accuracy on each run's scoring split "
+         "(the test split for a sweep's final runs) at each evaluation, and the final value.", lambda p: accuracy_chart(rows, histories, colors, p)),
         ("train_loss", "Training loss", "train/loss per optimizer step.",
          lambda p: loss_chart(rows, histories, colors, p)),
         ("model_size", "Model size", "Size of the files written: the whole model (float or "

@@ -240,6 +240,8 @@ class BenchConfig(_Strict):
 
     def grid_jobs(self) -> list[tuple[str, dict[str, Any]]]:
         """(method, point) for every grid run; none without a sweep."""
+        if self.sweep is None:
+            return []
         return [(m.name, p) for m in self.methods for p in points(self.method_grid(m))]
 
     def with_point(self, method_name: str, point: dict[str, Any]) -> "BenchConfig":

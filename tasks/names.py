@@ -83,6 +83,10 @@ def paired(key: str, stat: str) -> str:
 
 # ------------------------------------------------------------------ tags
 PARENT = "mlflow.parentRunId"            # MLflow's own nesting tag
+# The experiment tag MLflow 3.17's UI reads to pick an experiment's first page; its values (in
+# the UI's ExperimentKind enum) include "genai_development" and "custom_model_development".
+EXPERIMENT_KIND = "mlflow.experimentKind"
+KIND_MODEL_DEVELOPMENT = "custom_model_development"
 RUN_NOTE = "mlflow.note.content"         # MLflow's run description
 ROLE = "peft_bench.role"
 ROLE_PARENT, ROLE_CHILD, ROLE_AGGREGATE = "parent", "child", "aggregate"
@@ -124,7 +128,10 @@ FLOW_RUN_URL = "prefect.flow_run_url"
 
 # ------------------------------------------------------------------ artifacts and events
 PREDICTIONS = "predictions.csv"
+ADAPTER_ARTIFACTS = "adapter"  # peft's layout for adapters; every trained tensor for full
 REPORT_ARTIFACTS = "report"
 PREFECT_REPORT_KEY = "peft-bench-report"
 PREFECT_REGRESSION_KEY = "peft-bench-regressions"
 REGRESSION_EVENT = "peft-bench.regression.detected"
+PROGRESS_LOGGER = "peft_bench.progress"  # our progress lines, the console's only source
+LOG_ARTIFACTS = "logs"                   # the run's full log, on the parent run

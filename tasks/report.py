@@ -3,7 +3,10 @@
 Everything in the report comes from the tracking store (never from the pipeline's memory), so
 a report can be regenerated later, by anyone, from the parent run id alone. Per method it shows
 the mean over seeds with a 95% interval, and a verdict against the reference method (paired by
-seed, `tasks.aggregate`); the regression alarm's flags (`tasks.regression`) come first.
+seed, `tasks.aggregate`); the regression alarm's flags (`tasks.regression`) come first, after
+the answers to the budget questions (the most accurate method within a memory or time budget).
+For a sweep it adds each method's chosen settings, every grid point and two sweep charts
+(`tasks.charts_sweep`), and it says which split scored the finals and which chose the settings.
 The report is built in a temp folder next to its destination and renamed into place at the
 end, so a failure leaves either the previous report or nothing, never half a report.
 """
@@ -26,8 +29,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks import names
-from tasks.aggregate import MethodAggregate, Summary, summarize
+from tasks.aggregate import MethodAggregate, Summary, child_runs as _child_runs, summarize
 from tasks.charts import Chart, draw_all, method_colors
+from tasks.charts_sweep import draw_sweep, frontier
 from tasks.regression import Check
 from tasks.report_render import render_html, render_markdown, verdict_rows
 from tasks.stats import pareto_beyond_noise
@@ -63,10 +67,8 @@ def latest_parent_run(tracking_uri: str, experiment: str) -> Optional[str]:
 
 def child_runs(tracking_uri: str, parent_run_id: str) -> list[Run]:
     """The parent's child runs (deleted ones left out), oldest first."""
-    from tasks.aggregate import child_runs as _children
-
     client = MlflowClient(tracking_uri)
-    return _children(client, get_parent(client, parent_run_id))
+    return _child_runs(client, get_parent(client, parent_run_id))
 
 
 def get_parent(client: MlflowClient, run_id: str) -> Run:
@@ -168,6 +170,110 @@ def _derive(rows: list[dict], summary: Summary, notes: list[str]) -> None:
         r["pareto_optimal"] = (r["method"] in best) if r["method"] in points else None
 
 
+# (key, question, budget format, unit) of the budget answers
+BUDGETS = (("peak_memory_mb", "memory", "{:,.0f}", "MB"), ("train_time_s", "time", "{:,.1f}", "s"))
+
+
+def budget_answers(finished: list[dict]) -> Optional[dict]:
+    """Under a memory (time) budget, the most accurate method that fits: one line each, the
+    Pareto staircase of the finished methods' mean accuracy against their mean peak memory
+    (training time). Methods with contaminated timings sit out the time answer."""
+    if not any(r.get("accuracy") is not None for r in finished):
+        return None
+    out = {}
+    for key, question, fmt, unit in BUDGETS:
+        tainted = [r["method"] for r in finished if key == "train_time_s" and r["timing_warnings"]]
+        steps = [{"method": r["method"], "budget": r[key], "accuracy": r["accuracy"]}
+                 for r in frontier([r for r in finished if r["method"] not in tainted
+                                    and r.get(key) is not None and r.get("accuracy") is not None],
+                                   cost=lambda r: r[key], accuracy=lambda r: r["accuracy"])]
+        if not steps:
+            continue
+        text = "; ".join(f"≥ {fmt.format(s['budget'])} {unit} → {s['method']} "
+                         f"({s['accuracy']:.3f})" for s in steps)
+        note = (f"Left out: {', '.join(tainted)} (timing contaminated by other processes)."
+                if tainted else None)
+        out[question] = {"label": f"Under a {question} budget", "text": text, "note": note,
+                         "steps": steps, "left_out": tainted}
+    return out or None
+
+
+# ---------------------------------------------------------------- sweeps and splits
+
+def _selection_split(client: MlflowClient, summary: Summary, params: dict) -> Optional[str]:
+    """The split the grid runs were scored on, from their tags (the config as a fallback)."""
+    found = set()
+    for points in summary.grids.values():
+        if points:
+            found.add(client.get_run(points[0].run_id).data.tags.get(names.EVAL_SPLIT))
+    found.discard(None)
+    return ", ".join(sorted(found)) or params.get("data.eval_split")
+
+
+def _grid_row(method: str, g, metric: str) -> dict:
+    return {"method": method, "point": g.label, "status": g.status, "value": g.metrics.get(metric),
+            "train_time_s": g.metrics.get("train_time_s"),
+            "peak_memory_mb": g.metrics.get("peak_memory_mb"),
+            "trainable_params": g.metrics.get("trainable_params"),
+            "reused": g.reused_from is not None, "chosen": g.chosen, "run_id": g.run_id}
+
+
+def sweep_context(client: MlflowClient, summary: Summary, params: dict,
+                  rows: list[dict]) -> Optional[dict]:
+    """Per method, the chosen point and its grid; None for a benchmark without a sweep."""
+    if not summary.grids:
+        return None
+    metric = params.get("sweep.metric")
+    metric = metric if metric in names.CHILD_METRICS else "accuracy"
+    order = [r["method"] for r in rows]
+    methods = [m for m in order if m in summary.grids] + [m for m in summary.grids
+                                                          if m not in order]
+    by_row = {r["method"]: r for r in rows}
+    chosen, grid = [], []
+    for m in methods:
+        points = summary.grids[m]
+        best = next((g for g in points if g.chosen), None)
+        done = sum(g.status == "FINISHED" for g in points)
+        final = by_row.get(m, {})
+        chosen.append({"method": m, "point": best.label if best else None,
+                       "value": best.metrics.get(metric) if best else None,
+                       "points": len(points), "finished": done, "failed": len(points) - done,
+                       "reused": sum(g.reused_from is not None for g in points),
+                       "accuracy": final.get("accuracy"), "accuracy_ci": final.get("accuracy_ci"),
+                       names.N_SEEDS: final.get(names.N_SEEDS, 0)})
+        grid += [_grid_row(m, g, metric) for g in points]
+    return {"metric": metric, "metric_name": names.CHILD_METRICS[metric],
+            "selection_split": _selection_split(client, summary, params),
+            "chosen": chosen, "grid": grid}
+
+
+def _splits(client: MlflowClient, parent: Run, summary: Summary, sweep: Optional[dict]) -> dict:
+    """Which split scored the finals (their tags), which chose the settings, and whether the
+    two are the same split, which makes the final numbers optimistic."""
+    latest = {r.run_id for m in summary.methods.values() for r in m.runs}
+    scored = sorted({r.data.tags[names.EVAL_SPLIT] for r in _child_runs(client, parent)
+                     if r.info.run_id in latest and names.EVAL_SPLIT in r.data.tags})
+    scored_on = ", ".join(scored) or None
+    selected_on = sweep["selection_split"] if sweep else None
+    params = parent.data.params
+    test, select = params.get("data.test_split"), params.get("data.eval_split")
+    same = (test not in (None, "", "None") and test == select) or bool(
+        sweep and scored_on and scored_on == selected_on)
+    split = scored_on or test
+    warning = (f"The final runs were scored on the split that chose the settings ({split}): "
+               "the numbers are optimistic, since selection has already seen that split. Set "
+               "data.test_split to a held-out split, or data.test_from_train, for an unbiased "
+               "estimate." if same else None)
+    return {"scored_on": scored_on, "selected_on": selected_on, "optimistic": warning}
+
+
+def reused_finals(summary: Summary) -> list[dict]:
+    """The final runs copied from an earlier identical run rather than trained."""
+    runs = {r.run_id: r for m in summary.methods.values() for r in m.runs}
+    return [{"method": runs[i].method, "seed": runs[i].seed, "run_id": i}
+            for i in summary.reused if i in runs]
+
+
 # ---------------------------------------------------------------- the report
 
 def _context(client: MlflowClient, parent_run_id: str, tracking_uri: str) -> dict:
@@ -185,7 +291,11 @@ def _context(client: MlflowClient, parent_run_id: str, tracking_uri: str) -> dic
     if failures:
         notes.append("Left out of the means and charts (did not finish): " + ", ".join(
             f"{f['method']} seed {f['seed']} ({f['status']})" for f in failures) + ".")
-    return {"header": _header(client, parent, tracking_uri, summary), "summary": rows,
+    sweep = sweep_context(client, summary, parent.data.params, rows)
+    header = {**_header(client, parent, tracking_uri, summary),
+              **_splits(client, parent, summary, sweep)}
+    return {"header": header, "summary": rows, "budget": budget_answers(finished),
+            "sweep": sweep, "grids": summary.grids, "reused": reused_finals(summary),
             "finished": finished, "failures": failures, "notes": notes,
             "verdicts": verdict_rows(summary.comparisons),
             "regressions": Check.from_json(parent.data.tags.get(names.REGRESSIONS)),
@@ -197,17 +307,32 @@ def _context(client: MlflowClient, parent_run_id: str, tracking_uri: str) -> dic
             "only to check that the pipeline works and to compare time and memory."}
 
 
+def _charts(ctx: dict, work: Path) -> list[Chart]:
+    charts, notes = draw_all(ctx["finished"], ctx["histories"], ctx["header"]["reference"],
+                             ctx["colors"], work)
+    sweep = ctx["sweep"]
+    if sweep:
+        colors = method_colors([r["method"] for r in ctx["summary"]]  # same order: same colours
+                               + [m for m in ctx["grids"] if m not in ctx["colors"]])
+        more, more_notes = draw_sweep({c["method"]: ctx["grids"][c["method"]]
+                                       for c in sweep["chosen"]}, sweep["metric"],
+                                      sweep["selection_split"], colors, work)
+        charts, notes = charts + more, notes + more_notes
+    ctx["charts"], ctx["notes"] = charts, ctx["notes"] + notes
+    return charts
+
+
 def _write(ctx: dict, work: Path) -> list[Chart]:
-    charts, chart_notes = draw_all(ctx["finished"], ctx["histories"], ctx["header"]["reference"],
-                                   ctx["colors"], work)
-    ctx["charts"], ctx["notes"] = charts, ctx["notes"] + chart_notes
-    reg = ctx["regressions"]
-    summary = {"parent_run_id": ctx["header"]["parent_run_id"],
-               "benchmark": ctx["header"]["benchmark"], "seeds": ctx["header"]["seeds"],
-               "random_init": ctx["header"]["random_init"],
-               "reference": ctx["header"]["reference"],
+    charts = _charts(ctx, work)
+    reg, h = ctx["regressions"], ctx["header"]
+    summary = {"parent_run_id": h["parent_run_id"],
+               "benchmark": h["benchmark"], "seeds": h["seeds"],
+               "random_init": h["random_init"], "reference": h["reference"],
+               "budget_answers": ctx["budget"],
+               "splits": {k: h[k] for k in ("scored_on", "selected_on", "optimistic")},
                "chart_methods": [r["method"] for r in ctx["finished"]],
                "methods": ctx["summary"], "verdicts": ctx["verdicts"],
+               "sweep": ctx["sweep"], "reused_finals": ctx["reused"],
                "regressions": [f.message for f in reg.flags] if reg else None,
                "timing_warnings": ctx["timing_warnings"], "notes": ctx["notes"]}
     text = json.dumps(summary, indent=2, allow_nan=False) + "\n"

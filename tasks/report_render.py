@@ -1,5 +1,6 @@
 """Rendering the report: the results table (shared by Markdown and HTML so they cannot
-disagree), the verdict table against the reference method, and the two documents."""
+disagree), the verdict table against the reference method, a sweep's chosen settings and grid
+points, and the two documents."""
 from __future__ import annotations
 
 import base64
@@ -108,6 +109,56 @@ def verdict_rows(comparisons: list[Comparison]) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- sweeps
+
+def _num(value, fmt) -> str:
+    return "—" if value is None else _fmt(value, fmt)
+
+
+def chosen_rows(sweep: dict) -> list[dict]:
+    """Per method: the chosen point, its selection metric, the grid's size and the final
+    accuracy (mean ± 95% half-width over the seeds)."""
+    out = []
+    for c in sweep["chosen"]:
+        final = _cell(c, "accuracy", "{:.4f}", True)
+        out.append({"method": c["method"], "point": c["point"] or "none (no point finished)",
+                    "value": _num(c["value"], "{:.4f}"),
+                    "points": f"{c['points']} ({c['finished']} finished, {c['failed']} failed)",
+                    "reused": str(c["reused"]),
+                    "final": final + (f" ({c[names.N_SEEDS]} seeds)" if c[names.N_SEEDS] else "")})
+    return out
+
+
+def grid_rows(sweep: dict) -> list[dict]:
+    return [{"method": g["method"], "point": g["point"], "status": g["status"],
+             "cells": [_num(g["value"], "{:.4f}"), _num(g["train_time_s"], "{:,.1f}"),
+                       _num(g["peak_memory_mb"], "{:,.0f}"), _num(g["trainable_params"], human)],
+             "reused": "yes" if g["reused"] else "no", "chosen": g["chosen"]}
+            for g in sweep["grid"]]
+
+
+def sweep_heads(sweep: dict) -> dict:
+    where = f" on {sweep['selection_split']}" if sweep["selection_split"] else ""
+    metric = f"{sweep['metric_name']}{where}"
+    return {"chosen": ["Method", "Chosen point", metric, "Grid points", "Reused grid points",
+                       "Final accuracy (mean ± 95% CI)"],
+            "grid": ["Method", "Point", "Status", metric, "Train time (s)", "Peak mem (MB)",
+                     "Trainable params", "Reused", "Chosen"]}
+
+
+def reused_text(reused: list[dict]) -> str:
+    runs = ", ".join(f"{r['method']} seed {r['seed']}" for r in reused)
+    return (f"{len(reused)} final run(s) reused from earlier identical runs (same settings, data "
+            f"and code), not trained again: {runs}. Their times and memory are the original "
+            "runs'.")
+
+
+SWEEP_TEXT = (
+    "Each grid point trained once, under the first seed, and was scored on the selection "
+    "split; the chosen point of each method then ran under every seed on the final split. "
+    "★ = the chosen point. Reused = copied from an earlier identical run, not trained again.")
+
+
 INTERVALS_TEXT = (
     "Means are over the seeds that finished; ± is the half-width of the 95% Student-t interval "
     "(t(0.975, n−1)·s/√n). With one seed there is no interval. Few seeds give wide intervals "
@@ -176,25 +227,69 @@ def _md_regression(ctx: dict) -> list[str]:
     return lines + [f"- {_md_escape(n)}" for n in reg.notes] + [""]
 
 
+def _md_budget(ctx: dict) -> list[str]:
+    if not ctx["budget"]:
+        return []
+    lines = [f"- **{b['label']}:** {b['text']}" + (f" {b['note']}" if b["note"] else "")
+             for b in ctx["budget"].values()]
+    return lines + ["", BUDGET_TEXT, ""]
+
+
+def _md_splits(h: dict) -> list[str]:
+    parts = [f"final runs scored on `{h['scored_on']}`"] if h["scored_on"] else []
+    if h["selected_on"]:
+        parts.append(f"settings chosen on `{h['selected_on']}` (the grid runs)")
+    return ["- **Splits:** " + "; ".join(parts)] if parts else []
+
+
+def _md_sweep(ctx: dict) -> list[str]:
+    sweep = ctx["sweep"]
+    if not sweep:
+        return []
+    heads = sweep_heads(sweep)
+    lines = ["## Chosen settings", "", "| " + " | ".join(heads["chosen"]) + " |",
+             "|---|---|---:|---:|---:|---:|"]
+    lines += ["| " + " | ".join(_md_escape(c[k]) for k in ("method", "point", "value", "points",
+                                                             "reused", "final")) + " |"
+              for c in chosen_rows(sweep)]
+    lines += ["", SWEEP_TEXT, "", "### Grid points", "", "| " + " | ".join(heads["grid"]) + " |",
+              "|---|---|---|" + "---:|" * 4 + "---|---|"]
+    for g in grid_rows(sweep):
+        cells = [g["method"], g["point"], g["status"], *g["cells"], g["reused"],
+                 "★" if g["chosen"] else ""]
+        lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+    return lines + [""]
+
+
+def _md_header(h: dict) -> list[str]:
+    return [f"- **Parent run:** `{h['parent_run_id']}` (experiment `{h['experiment']}`)",
+            f"- **Model:** `{h['model']}`",
+            f"- **Dataset:** `{h['dataset']}` (data digest `{h['data_digest']}`)",
+            *_md_splits(h),
+            f"- **Seeds:** {', '.join(map(str, h['seeds'])) or 'unknown'}; "
+            f"**reference method:** {h['reference']}",
+            f"- **Device:** {h['device']}", f"- **Date:** {h['date']}",
+            f"- **Git SHA:** `{h['git_sha']}`",
+            "- **Versions:** " + (", ".join(f"{k} {v}" for k, v in h["versions"].items())
+                                  or "unknown"),
+            f"- **Browse the runs:** `{h['ui_command']}`"]
+
+
 def render_markdown(ctx: dict, with_charts: bool = True) -> str:
     h = ctx["header"]
-    lines = [f"# peft-bench report: {h['benchmark']}", ""]
+    lines = [f"# peft-bench report: {h['benchmark']}", ""] + _md_budget(ctx)
     if h["random_init"]:
         lines += [f"> **Warning:** {ctx['random_init_text']}", ""]
+    if h["optimistic"]:
+        lines += [f"> **Warning, optimistic numbers:** {h['optimistic']}", ""]
     lines += _md_alerts(ctx)
-    lines += [f"- **Parent run:** `{h['parent_run_id']}` (experiment `{h['experiment']}`)",
-              f"- **Model:** `{h['model']}`",
-              f"- **Dataset:** `{h['dataset']}` (data digest `{h['data_digest']}`)",
-              f"- **Seeds:** {', '.join(map(str, h['seeds'])) or 'unknown'}; "
-              f"**reference method:** {h['reference']}",
-              f"- **Device:** {h['device']}", f"- **Date:** {h['date']}",
-              f"- **Git SHA:** `{h['git_sha']}`",
-              "- **Versions:** " + (", ".join(f"{k} {v}" for k, v in h["versions"].items()) or "unknown"),
-              f"- **Browse the runs:** `{h['ui_command']}`", "", "## Results", ""]
+    lines += _md_header(h) + ["", "## Results", ""]
     lines += _md_table(ctx["summary"])
     lines += ["", f"★ = no other method is faster and more accurate beyond the 95% intervals. "
               f"{WARN} = timing contaminated by other processes. {INTERVALS_TEXT}", ""]
-    lines += _md_verdicts(ctx) + _md_regression(ctx)
+    if ctx["reused"]:
+        lines += [f"↺ {reused_text(ctx['reused'])}", ""]
+    lines += _md_sweep(ctx) + _md_verdicts(ctx) + _md_regression(ctx)
     if ctx["notes"]:
         lines += ["## Notes", ""] + [f"- {_md_escape(n)}" for n in ctx["notes"]] + [""]
     if ctx["failures"]:
@@ -209,11 +304,24 @@ def render_markdown(ctx: dict, with_charts: bool = True) -> str:
     return "\n".join(lines)
 
 
+BUDGET_TEXT = (
+    "For each budget, the most accurate method that fits it: mean accuracy over the seeds "
+    "against mean peak memory or mean training time. A step up is only worth its cost when the "
+    "verdicts below call the difference significant.")
+WIDE_CHARTS = ("eval_accuracy", "sweep_sensitivity", "sweep_pareto")
+
+
 def render_html(ctx: dict) -> str:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["j2", "html"]))
     charts = [{"title": c.title, "caption": c.caption, "key": c.key,
                "data_uri": "data:image/png;base64," + base64.b64encode(c.path.read_bytes()).decode()}
               for c in ctx["charts"]]
+    sweep = ctx["sweep"]
     return env.get_template("report.html.j2").render(
         {**ctx, "charts": charts, "heads": [h for _, h, _, _ in COLUMNS],
-         "rows": table_rows(ctx["summary"]), "intervals_text": INTERVALS_TEXT, "warn": WARN})
+         "rows": table_rows(ctx["summary"]), "intervals_text": INTERVALS_TEXT, "warn": WARN,
+         "budget_text": BUDGET_TEXT, "wide_charts": WIDE_CHARTS,
+         "reused_text": reused_text(ctx["reused"]) if ctx["reused"] else None,
+         "sweep_heads": sweep_heads(sweep) if sweep else None, "sweep_text": SWEEP_TEXT,
+         "chosen_rows": chosen_rows(sweep) if sweep else [],
+         "grid_rows": grid_rows(sweep) if sweep else []})

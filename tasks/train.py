@@ -21,10 +21,9 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from tasks import checkpoint, names
+from tasks import checkpoint, names, progress
 from tasks.collate import SplitData, make_loader
 from tasks.config import TrainingConfig
 from tasks.machine_load import LoadReading, MachineLoad
@@ -180,7 +179,7 @@ def _train_loop(model, train, cfg, lr, pad_token_id, device, log, evaluate, ckpt
         prog = back.progress
         stream.resume(prog.epoch, prog.batches_into_epoch, back.epoch_generator_state)
     model.train()
-    bar = tqdm(total=steps, initial=prog.step, desc="train", leave=False, mininterval=1.0)
+    bar = progress.run_bar(steps, prog.step, "train")
     micro, window, segment = 0, [], 0.0
     t0 = step_start = time.perf_counter()
     for batch in _take(stream, (steps - prog.step) * cfg.grad_accum):
@@ -209,6 +208,7 @@ def _train_loop(model, train, cfg, lr, pad_token_id, device, log, evaluate, ckpt
         now = time.perf_counter()
         prog.step_times.append(now - step_start)
         bar.update(1)
+        progress.step_done()
         bar.set_postfix(loss=f"{prog.losses[-1]:.4f}", refresh=False)
         _between_steps(prog, steps, cfg, sched, log, evaluate, model)
         segment = now - t0

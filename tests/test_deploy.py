@@ -431,6 +431,36 @@ def test_fan_out_to_two_workers_and_rerun_after_the_kill(live):
     assert workers == {"peft-bench-worker-2", "peft-bench-worker-3"}, workers
 
 
+def test_toy_sweep_fans_out_over_two_workers(live):
+    """A sweep with `dispatch: deployments`: 2 methods x 2 grid points, then the chosen points
+    under 2 seeds on the test split: 8 finetune flow runs over the two GPU-pool workers."""
+    fid = live.trigger(live.small("dispatch=deployments", "concurrency.limit=2",
+                                  "training.seeds=[1,2]", "sweep.grid.lr=[0.001,0.003]",
+                                  "data.test_split=test", "data.test_size=32"),
+                       methods=["full", "lora"])
+    run = live.wait(fid, timeout=360)
+    assert run["state_type"] == "COMPLETED", "\n".join(live.logs(fid)[-30:])
+    parent = live.parent_run(fid)
+    methods = {r.data.tags["peft_bench.method"]: r for r in
+               live.runs(f"tags.`peft_bench.benchmark_run` = '{parent.info.run_id}'")}
+    grid = [g for m in methods.values()
+            for g in live.runs(f"tags.mlflow.parentRunId = '{m.info.run_id}'")]
+    assert sorted((g.data.tags["peft_bench.method"], g.data.tags["peft_bench.point"])
+                  for g in grid) == [("full", "lr=0.001"), ("full", "lr=0.003"),
+                                     ("lora", "lr=0.001"), ("lora", "lr=0.003")]
+    finals = live.runs(f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(finals) == 4 and {r.info.status for r in grid + finals} == {"FINISHED"}
+    assert {r.data.tags["peft_bench.eval_split"] for r in finals} == {"test"}
+    for name, m in methods.items():
+        chosen = m.data.tags["peft_bench.chosen_point"]
+        assert {r.data.tags["peft_bench.point_json"] for r in finals
+                if r.data.tags["peft_bench.method"] == name} == {chosen}
+    flow_runs = {r.data.tags["prefect.flow_run_id"] for r in grid + finals}
+    assert len(flow_runs) == 8
+    workers = {r.data.tags["peft_bench.worker"] for r in grid + finals}
+    assert workers == {"peft-bench-worker-2", "peft-bench-worker-3"}, workers
+
+
 def test_slots_of_killed_runs_come_back(live):
     """The killed runs (B, C) held slots of their concurrency limit; nothing released them.
     Their leases (60 s, flows/finetune.py) run out and the server takes the slots back."""

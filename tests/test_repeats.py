@@ -232,7 +232,6 @@ NOT_WRITTEN_HERE = {
     "peft_bench.error": "failed runs: test_pipeline.py",
     "peft_bench.timing_warning": "contaminated runs: the burner test above",
     "prefect.flow_run_url": "only when the Prefect server has a UI URL",
-    "mlflow.note.content": "run descriptions",
     "peft_bench.resumed_from_step": "resumed runs: test_faults.py",
 }
 NOT_NAMES = {"parent", "child", "aggregate", "predictions.csv", "report", "peft-bench-report",
