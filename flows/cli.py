@@ -81,8 +81,19 @@ def run(config: Optional[Path] = typer.Argument(
         launch.check(cfg, lambda line: console.print(f"[yellow]{line}[/yellow]", highlight=False))
         launch.server(server_timeout)
     except launch.LaunchError as e:
+        _restore_logging()
         _fail(str(e), code=e.code)
-    _run_flow(cfg, config, as_dict, masked, selected, resume, verbose)
+    try:
+        _run_flow(cfg, config, as_dict, masked, selected, resume, verbose)
+    finally:
+        _restore_logging()
+
+
+def _restore_logging() -> None:
+    import sys
+
+    if "flows.console" in sys.modules:
+        sys.modules["flows.console"].restore()
 
 
 def _run_flow(cfg, config: Optional[Path], as_dict: Optional[dict], masked: list[str],
@@ -111,8 +122,12 @@ def _run_flow(cfg, config: Optional[Path], as_dict: Optional[dict], masked: list
     _keep_log(cfg, result["parent_run_id"], log_file)
     show_benchmark(cfg.tracking.tracking_uri, result["parent_run_id"])
     console.print(f"report:  {result['report_html']}\n         {result['report_md']}")
+    from tasks.tracking import experiment_id, ui_path
+
+    page = ui_path(experiment_id(cfg.tracking))
     console.print(f"MLflow:  parent run {result['parent_run_id']}; open the UI with\n"
-                  f"         mlflow ui --backend-store-uri {result['tracking_uri']}")
+                  f"         mlflow ui --backend-store-uri {result['tracking_uri']}\n"
+                  f"         and http://127.0.0.1:5000/{page} (methods compared)")
     if result["failed"]:
         _fail(f"failed runs: {', '.join(result['failed'])}", code=1)
     if regressed:

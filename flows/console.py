@@ -67,6 +67,7 @@ class _OursOnly(logging.Filter):
 
 
 _handlers: list[logging.Handler] = []
+_removed: list[tuple[logging.Logger, logging.Handler]] = []
 
 
 def quiet_other_libraries(log_file: Path, verbose: bool) -> None:
@@ -98,6 +99,7 @@ def quiet_other_libraries(log_file: Path, verbose: bool) -> None:
             if handler not in _handlers and (verbose is False) and not isinstance(
                     handler, logging.FileHandler) and isinstance(handler, logging.StreamHandler):
                 logger.removeHandler(handler)
+                _removed.append((logger, handler))
         if name == "" or not logger.propagate:
             for handler in _handlers if name == "" else _handlers[:1]:
                 if handler not in logger.handlers:
@@ -111,3 +113,24 @@ def quiet_other_libraries(log_file: Path, verbose: bool) -> None:
 
 def log_path() -> Optional[Path]:
     return Path(_handlers[0].baseFilename) if _handlers else None
+
+
+def restore() -> None:
+    """Undo `quiet_other_libraries` (the CLI calls it when a run ends, so a process that goes
+    on, a test session say, gets its logging back)."""
+    for name in ("", "prefect", "mlflow"):
+        logger = logging.getLogger(name)
+        for handler in _handlers:
+            logger.removeHandler(handler)
+    for handler in _handlers:
+        handler.close()
+    for logger, handler in _removed:
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
+    _handlers.clear()
+    _removed.clear()
+    import transformers
+
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.disable_propagation()
+    transformers.utils.logging.enable_progress_bar()

@@ -88,6 +88,7 @@ PARENT = "mlflow.parentRunId"            # MLflow's own nesting tag
 EXPERIMENT_KIND = "mlflow.experimentKind"
 KIND_MODEL_DEVELOPMENT = "custom_model_development"
 RUN_NOTE = "mlflow.note.content"         # MLflow's run description
+DATA_CONTEXT = "mlflow.data.context"     # a dataset input's role: train / eval / test
 ROLE = "peft_bench.role"
 ROLE_PARENT, ROLE_CHILD, ROLE_AGGREGATE = "parent", "child", "aggregate"
 ROLE_GRID = "grid"                       # a sweep's grid point: a child of its method's run

@@ -54,6 +54,14 @@ def experiment_id(tracking: TrackingConfig) -> str:
     return exp.experiment_id
 
 
+def ui_path(experiment_id: str) -> str:
+    """The MLflow UI page that compares the methods: the experiment's runs in the model-training
+    workflow (MLflow 3.17 opens a new browser on its GenAI pages otherwise), in chart view, where
+    each aggregate run is one bar of `accuracy_mean` and the other per-method metrics."""
+    return (f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            "&compareRunsMode=CHART")
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     """{'training': {'lr': 1e-4}} -> {'training.lr': '0.0001'}; lists of models by name/index."""
     out: dict[str, str] = {}
@@ -187,14 +195,31 @@ def log_artifact(run_id: str, tracking: TrackingConfig, path: Path,
         c.log_artifact(run_id, str(path), artifact_path)
 
 
+def dataset_source(source: str):
+    """MLflow's dataset source for a local folder or a hub dataset id."""
+    from mlflow.data.dataset_source_registry import _dataset_source_registry as registry
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+    from tasks.config import looks_local
+
+    if not looks_local(source):
+        return HuggingFaceDatasetSource(path=source)
+    local = next(s for s in registry.sources if s._get_source_type() == "local")
+    return local._resolve(str(Path(source).expanduser()))
+
+
 def log_dataset(run_id: str, tracking: TrackingConfig, df, name: str, source: str,
                 context: str) -> str:
     """Dataset lineage (mlflow.data), with the digest MLflow computes over the rows."""
     import mlflow.data
     from mlflow.entities import DatasetInput, InputTag
 
-    ds = mlflow.data.from_pandas(df, source=source, name=name, targets="label")
-    entity = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+    # An explicit source object (a string would match MLflow's two registered local sources and
+    # warn), and labels as floats (an integer column makes MLflow warn that it cannot hold
+    # missing values: the logged copy is lineage, not what trains).
+    ds = mlflow.data.from_pandas(df.astype({"label": "float64"}), source=dataset_source(source),
+                                 name=name, targets="label")
+    entity = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(names.DATA_CONTEXT, context)])
     client(tracking).log_inputs(run_id, datasets=[entity])
     return ds.digest
 

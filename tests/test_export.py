@@ -93,7 +93,8 @@ def test_export_refuses_what_it_cannot(trained, tmp_path):
     assert out.exit_code == 1 and "has no adapter to register" in out.output
 
 
-def test_promote_registers_a_version_that_loads_back(trained, tiny_model_dir, tmp_path):
+def test_promote_registers_a_version_that_loads_back(trained, tiny_model_dir, tmp_path,
+                                                     monkeypatch):
     cfg, uri, runs, data, _ = trained
     run = runs["qlora"]
     out = runner.invoke(app, ["promote", run.info.run_id, "--name", "sst2-adapter",
@@ -103,7 +104,8 @@ def test_promote_registers_a_version_that_loads_back(trained, tiny_model_dir, tm
     version = client.get_model_version_by_alias("sst2-adapter", "champion")
     assert version.tags["method"] == "qlora" and version.tags["base_model"] == str(tiny_model_dir)
     assert version.tags["benchmark"] == "ci" and version.run_id == run.info.run_id
-    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # as a user of the registry would have it
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     folder = mlflow.artifacts.download_artifacts(artifact_uri="models:/sst2-adapter@champion",
                                                  dst_path=str(tmp_path / "reg"))
     # The adapter was trained on an NF4 base: peft loads it onto the same 4-bit base.

@@ -233,9 +233,13 @@ NOT_WRITTEN_HERE = {
     "peft_bench.timing_warning": "contaminated runs: the burner test above",
     "prefect.flow_run_url": "only when the Prefect server has a UI URL",
     "peft_bench.resumed_from_step": "resumed runs: test_faults.py",
+    "peft_bench.chosen": "sweeps: test_sweep.py", "peft_bench.chosen_point": "sweeps: test_sweep.py",
+    "peft_bench.reused_from": "reused runs: test_sweep.py",
+    "mlflow.experimentKind": "an experiment tag: test_browser.py",
 }
-NOT_NAMES = {"parent", "child", "aggregate", "predictions.csv", "report", "peft-bench-report",
-             "peft-bench-regressions", "peft-bench.regression.detected"}
+NOT_NAMES = {"parent", "child", "aggregate", "grid", "predictions.csv", "report", "adapter",
+             "logs", "peft-bench-report", "peft-bench-regressions",
+             "peft-bench.regression.detected", "custom_model_development", "peft_bench.progress"}
 
 
 def test_every_declared_name_is_written_by_a_real_run(runs):

@@ -1,0 +1,343 @@
+"""The child flow: one method, load → inject → train → evaluate → log, in its own MLflow run.
+
+It takes only JSON-able parameters (the config as a dict, a method name, the parent run id), so
+the same flow runs in-process or as a deployment on another worker.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+from prefect import flow
+from prefect.concurrency.sync import concurrency
+from prefect.runtime import deployment, flow_run
+
+import peft_modules as pm
+from tasks import checkpoint, names, progress, sweep, tracking
+from tasks.config import BenchConfig, MethodConfig, public_dump, revealed
+from tasks.lifecycle import owner_alive, owner_tag, reopen
+from tasks.reuse import copy_run, find_reusable, run_key
+from tasks.secrets import redact
+from tasks.data import PreparedData, prepare_dataset
+from tasks.evaluate import EvalResult, evaluate_task, plot_confusion
+from tasks.memory import PeakMemory
+from tasks.model import inject_adapter_task, load_model_task, resolve_device, saved_size_mb
+from tasks.train import CheckpointPlan, NonFiniteError, TrainResult, train_task
+
+
+def prefect_tags() -> dict[str, str]:
+    tags = {names.FLOW_RUN_ID: str(flow_run.id or ""),
+            names.FLOW_RUN_NAME: str(flow_run.name or ""),
+            # Which worker ran it: set by `peft-bench stack` workers, else this host and PID.
+            names.WORKER: os.environ.get("PEFT_BENCH_WORKER",
+                                         f"{socket.gethostname()}:{os.getpid()}")}
+    if flow_run.ui_url:
+        tags[names.FLOW_RUN_URL] = flow_run.ui_url
+    return tags
+
+
+def get_method(cfg: BenchConfig, name: str) -> MethodConfig:
+    for m in cfg.methods:
+        if m.name == name:
+            return m
+    raise ValueError(f"method_name: {name!r} is not in the config's methods "
+                     f"{[m.name for m in cfg.methods]}")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What one finetune flow run is: a grid point (scored on the selection split, a child of
+    its method's run) or a final run (scored on the test split when there is one)."""
+
+    phase: str                      # "grid" or "final"
+    point: dict                     # the sweep values applied ({} without a sweep)
+    split: str                      # "eval" or "test": the split the run is scored on
+    split_name: str                 # that split's name in the data, for the record
+    key: str = ""                   # the run key (tasks/reuse.py)
+
+    @property
+    def label(self) -> str:
+        return sweep.label(self.point)
+
+
+def plan_for(cfg: BenchConfig, phase: str, point: Optional[dict]) -> RunPlan:
+    on_test = phase == "final" and cfg.data.has_test
+    name = (cfg.data.test_split or "test-from-train") if on_test else cfg.data.eval_split
+    return RunPlan(phase, dict(point or {}), "test" if on_test else "eval", name)
+
+
+def start_child_run(cfg: BenchConfig, method: MethodConfig, parent_run_id: str,
+                    device: torch.device, plan: RunPlan) -> str:
+    shared = {k: v for k, v in public_dump(cfg).items() if k != "methods"}
+    params = {**tracking.flatten(shared),
+              **tracking.flatten(method.model_dump(mode="json", exclude={"sweep"}), "method."),
+              "method.effective_lr": str(method.lr or cfg.training.lr)}
+    seed = cfg.training.seed
+    seeds = cfg.training.run_seeds
+    role = names.ROLE_GRID if plan.phase == "grid" else names.ROLE_CHILD
+    tags = {names.PARENT: parent_run_id, names.ROLE: role,
+            names.METHOD: method.name, names.METHOD_KIND: method.method,
+            names.SEED: str(seed), names.SEED_INDEX: str(seeds.index(seed) if seed in seeds else 0),
+            names.POINT: plan.label, names.POINT_JSON: json.dumps(plan.point),
+            names.EVAL_SPLIT: plan.split_name, names.RUN_KEY: plan.key,
+            names.DEVICE: str(device), **prefect_tags()}
+    name = f"{method.name}-{plan.label}" if plan.phase == "grid" else f"{method.name}-seed{seed}"
+    return tracking.create_run(cfg, tags, run_name=name, params=params)
+
+
+def log_eval(run_id: str, cfg: BenchConfig, ev: EvalResult, step: int) -> None:
+    m = ev.metrics
+    tracking.log_metrics(run_id, cfg.tracking, {
+        names.EVAL_ACCURACY: m["accuracy"], names.EVAL_F1: m["f1_macro"],
+        names.EVAL_PRECISION: m["precision"], names.EVAL_RECALL: m["recall"],
+        names.EVAL_LOSS: m["loss"], names.EVAL_RATE: m["samples_per_s"]}, step)
+
+
+def evaluate(cfg: BenchConfig, model, data: PreparedData, device: torch.device,
+             with_texts: bool = False, split: str = "eval") -> EvalResult:
+    """Score on the run's one split: the selection split, or the test split of a final run
+    (periodic evaluations too, so no number of a run ever comes from another split)."""
+    return evaluate_task(model, data.split(split), data.num_labels, data.pad_token_id,
+                         str(device), cfg.training.eval_batch_size, cfg.training.precision,
+                         data.texts(split) if with_texts else None)
+
+
+def train_and_measure(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_id: str,
+                      device: torch.device, split: str = "eval"):
+    """Load, inject and train inside one peak-memory window (the method's own memory)."""
+    with PeakMemory(device) as mem:
+        model = load_model_task(cfg.model, method, data.num_labels, data.pad_token_id, str(device))
+        with mem.excluded():  # writing a checkpoint to measure it is not the method's memory
+            model_size_mb = saved_size_mb(model)
+        summary = inject_adapter_task(model, method)
+
+        def log_fn(metrics: dict[str, float], step: int) -> None:
+            tracking.log_metrics(run_id, cfg.tracking, metrics, step)
+
+        def eval_fn(step: int) -> None:
+            log_eval(run_id, cfg, evaluate(cfg, model, data, device, split=split), step)
+
+        result = train_task(model, data.train, cfg.training, method.lr or cfg.training.lr,
+                            data.pad_token_id, str(device), log_fn, eval_fn,
+                            checkpoint_plan(cfg, run_id))
+    return model, summary, result, mem.peak_mb, model_size_mb
+
+
+def checkpoint_plan(cfg: BenchConfig, run_id: str) -> Optional[CheckpointPlan]:
+    """Checkpoints go to <training.checkpoint_dir>/<MLflow run id>: a resume of the same run
+    finds them, whichever process or worker picks it up (given a shared folder)."""
+    every = cfg.training.checkpoint_every
+    return CheckpointPlan(Path(cfg.training.checkpoint_dir) / run_id, every) if every else None
+
+
+def save_weights(cfg: BenchConfig, method: MethodConfig, model, folder: Path) -> Path:
+    """The trained weights as others load them: an adapter in Hugging Face peft's layout
+    (adapter_model.safetensors + adapter_config.json, the head as modules_to_save), which
+    `peft.PeftModel.from_pretrained` and peft-serving stacks read; for full fine-tuning every
+    trained tensor (our layout). Returns the weights file (its size is the adapter size)."""
+    if method.method == "full":
+        return pm.save_adapter(model, method.adapter_spec(), folder)
+    return pm.save_peft_adapter(model, method.adapter_spec(), folder,
+                                base_model_name_or_path=redact(cfg.model.name_or_path))
+
+
+def log_outputs(run_id: str, cfg: BenchConfig, method: MethodConfig, model, ev: EvalResult,
+                out: Path) -> float:
+    """Artifacts: adapter (or full weights), predictions, confusion matrix, resolved config."""
+    adapter_dir = out / names.ADAPTER_ARTIFACTS
+    weights = save_weights(cfg, method, model, adapter_dir)
+    ev.predictions.to_csv(out / names.PREDICTIONS, index=False)
+    plot_confusion(ev.confusion, out / "confusion_matrix.png", method.name)
+    for name in (names.PREDICTIONS, "confusion_matrix.png"):
+        tracking.log_artifact(run_id, cfg.tracking, out / name)
+    tracking.log_config(run_id, cfg)
+    if cfg.tracking.log_weights:
+        tracking.log_artifact(run_id, cfg.tracking, adapter_dir, names.ADAPTER_ARTIFACTS)
+    return weights.stat().st_size / 2**20
+
+
+def run_method(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_id: str,
+               device: torch.device, resumed: bool = False, split: str = "eval") -> dict[str, float]:
+    torch.manual_seed(cfg.training.seed)  # head and adapter init follow the seed
+    if not resumed:
+        for role, df in (("train", data.train_df()), (split, data.frames[split].copy())):
+            tracking.log_dataset(run_id, cfg.tracking, df, f"{cfg.name}-{role}",
+                                 redact(data.source), role)
+    try:
+        model, summary, res, peak_mb, model_size_mb = train_and_measure(cfg, method, data,
+                                                                        run_id, device, split)
+        ev = evaluate(cfg, model, data, device, with_texts=True, split=split)
+    except NonFiniteError:  # a diverged run's checkpoints would only diverge again
+        checkpoint.clear(Path(cfg.training.checkpoint_dir) / run_id)
+        raise
+    log_eval(run_id, cfg, ev, res.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_mb = log_outputs(run_id, cfg, method, model, ev, Path(tmp))
+    summary_metrics = summary_of(res, summary, ev, peak_mb, model_size_mb, adapter_mb)
+    tracking.log_metrics(run_id, cfg.tracking, summary_metrics, res.steps)
+    tracking.log_history(run_id, cfg.tracking, names.STEP_TIME, res.step_times)
+    tracking.set_tags(run_id, cfg.tracking, {**timing_tags(method.name, res, cfg),
+                                             names.RUN_NOTE: run_note(cfg, method, {
+        **summary_metrics, names.EVAL_ACCURACY: ev.metrics["accuracy"],
+        names.EVAL_F1: ev.metrics["f1_macro"]})})
+    if res.resumed_from is not None:
+        tracking.set_tags(run_id, cfg.tracking, {names.RESUMED: str(res.resumed_from)})
+    if not cfg.training.keep_checkpoints:
+        checkpoint.clear(Path(cfg.training.checkpoint_dir) / run_id)
+    return {**summary_metrics, names.EVAL_ACCURACY: ev.metrics["accuracy"],
+            names.EVAL_F1: ev.metrics["f1_macro"]}
+
+
+def summary_of(res: TrainResult, summary: pm.AdapterSummary, ev: EvalResult, peak_mb: float,
+               model_size_mb: float, adapter_mb: float) -> dict[str, float]:
+    out = {names.TRAIN_TIME: res.train_time_s, names.STEP_TIME_MEDIAN: res.step_time_median_s,
+           names.SAMPLES_PER_S: res.samples_per_s, names.TOKENS_PER_S: res.tokens_per_s,
+           names.TRAIN_STEPS: res.steps, names.PEAK_MEMORY: peak_mb,
+           names.TRAINABLE_PARAMS: summary.trainable_params,
+           names.TOTAL_PARAMS: summary.total_params, names.TRAINABLE_PCT: summary.trainable_pct,
+           names.MODEL_SIZE: model_size_mb, names.ADAPTER_SIZE: adapter_mb,
+           names.EVAL_TIME: ev.metrics["eval_time_s"],
+           names.PERIODIC_EVAL_TIME: res.periodic_eval_s,
+           names.EVAL_SAMPLES_PER_S: ev.metrics["samples_per_s"]}
+    if res.load is not None:
+        out[names.OTHER_CPU_SHARE] = res.load.other_share
+        if res.load.gpu_others is not None:
+            out[names.OTHER_GPU_PROCS] = res.load.gpu_others
+    return out
+
+
+def run_note(cfg: BenchConfig, method: MethodConfig, m: dict[str, float]) -> str:
+    """The run's description in the MLflow UI: what it is and its headline numbers."""
+    settings = f"lr {method.lr or cfg.training.lr:g}"
+    if method.method != "full":
+        settings += f", rank {method.rank}, alpha {method.alpha:g}, targets {method.targets}"
+    return (f"**{method.name}** ({method.method}), seed {cfg.training.seed}, on "
+            f"`{redact(cfg.model.name_or_path)}`: {settings}.\n\n"
+            f"| accuracy | F1 | train s | peak MB | trainable |\n|---:|---:|---:|---:|---:|\n"
+            f"| {m.get(names.EVAL_ACCURACY, float('nan')):.4f} | {m.get(names.EVAL_F1, float('nan')):.4f} "
+            f"| {m[names.TRAIN_TIME]:.1f} | {m[names.PEAK_MEMORY]:.0f} | {m[names.TRAINABLE_PARAMS]:,.0f} |")
+
+
+def timing_tags(method: str, res: TrainResult, cfg: BenchConfig) -> dict[str, str]:
+    """Flag a run whose timings other processes disturbed, so the report warns instead of
+    ranking on them."""
+    load = res.load
+    if load is None:
+        return {}
+    bad = load.contaminated(cfg.training.contamination_threshold)
+    tags = {names.CONTAMINATED: str(bad).lower()}
+    if bad:
+        why = [f"other processes used {100 * load.other_share:.0f}% of the machine's CPU "
+               f"(threshold {100 * cfg.training.contamination_threshold:.0f}%)"]
+        if load.gpu_others:
+            why.append(f"{load.gpu_others} other process(es) on the GPU")
+        tags[names.TIMING_WARNING] = (f"{method} (seed {cfg.training.seed}): "
+                                      + " and ".join(why) + " while it trained")
+    return tags
+
+
+# The slot is leased: the holder renews it every 45 s; if the holder dies (worker killed),
+# the server takes the slot back once the lease runs out. Prefect's default lease is 300 s;
+# 60 s is its minimum, so a crashed run blocks the next one for about a minute, not five.
+SLOT_LEASE_S = 60
+
+
+def gpu_slot(cfg: BenchConfig):
+    """Hold one slot of the Prefect global concurrency limit (default `gpu`) while training.
+
+    Only deployment runs take it: they are what a work pool may start side by side on one GPU
+    host. In-process (`dispatch: local`) methods already run one after another, and taking
+    and handing back the slot measured ~2.3 s a method there (benchmarks/pipeline_overhead.py).
+    """
+    if not cfg.concurrency.slot or deployment.id is None:
+        return contextlib.nullcontext()
+    return concurrency(cfg.concurrency.slot, occupy=1, lease_duration=SLOT_LEASE_S)
+
+
+def fail_mlflow_run(flow, flow_run, state) -> None:
+    """on_crashed/on_cancellation hook: a crashed flow run (worker killed, SIGTERM) must not
+    leave its MLflow run RUNNING. The parameter names matter: when the flow-run process was
+    killed, the worker runs the hook and passes `flow=`, `flow_run=`, `state=` by keyword."""
+    cfg = revealed(BenchConfig.model_validate(flow_run.parameters["config"]))
+    tracking.fail_open_runs(cfg.tracking, str(flow_run.id),
+                            f"flow run {state.name}: {state.message}")
+
+
+def finished_metrics(run) -> dict[str, float]:
+    return {k: v for k, v in run.data.metrics.items() if k in names.CHILD_METRICS.values()}
+
+
+def open_child_run(cfg: BenchConfig, method: MethodConfig, parent_run_id: str,
+                   device: torch.device, existing, plan: RunPlan) -> str:
+    """A new child run, or the earlier one of the same (method, seed, point), reopened (a resume
+    or a Prefect retry): never one that a live process is still training."""
+    if existing is None:
+        return start_child_run(cfg, method, parent_run_id, device, plan)
+    owner = existing.data.tags.get(names.OWNER, "")
+    if existing.info.status == "RUNNING" and owner and owner_alive(owner):
+        raise RuntimeError(f"method {method.name}, seed {cfg.training.seed}: MLflow run "
+                           f"{existing.info.run_id} is being trained by {owner}; not touching it")
+    reopen(cfg.tracking, existing.info.run_id)
+    return existing.info.run_id
+
+
+def reuse_earlier(cfg: BenchConfig, plan: RunPlan, parent_run_id: str) -> Optional[str]:
+    """With sweep.reuse: a copy of an earlier FINISHED run with the same run key, or None."""
+    if cfg.sweep is None or not cfg.sweep.reuse:
+        return None
+    c = tracking.client(cfg.tracking)
+    src = find_reusable(c, tracking.experiment_id(cfg.tracking), plan.key)
+    if src is None:
+        return None
+    return copy_run(c, src, parent_run_id, owner_tag())
+
+
+@flow(name="finetune", log_prints=True, on_crashed=[fail_mlflow_run],
+      on_cancellation=[fail_mlflow_run])
+def finetune(config: dict, method_name: str, parent_run_id: str, seed: Optional[int] = None,
+             point: Optional[dict] = None, phase: str = "final") -> dict[str, float]:
+    """Fine-tune and evaluate one method under one seed (default: training.seed) at one grid
+    point (default: the config's values); its MLflow run ends FINISHED or FAILED. Data order,
+    adapter init and head init follow the seed. A grid run is scored on the selection split, a
+    final run on the test split when the config has one."""
+    cfg = revealed(BenchConfig.model_validate(config))
+    cfg = cfg.for_seed(seed) if seed is not None else cfg
+    cfg = cfg.with_point(method_name, point) if point else cfg
+    method, plan = get_method(cfg, method_name), plan_for(cfg, phase, point)
+    device = resolve_device(cfg.training)
+    if cfg.training.num_threads:
+        torch.set_num_threads(cfg.training.num_threads)
+    tracking.check_reachable(cfg.tracking)
+    what = f"{method.name} seed {cfg.training.seed}"
+    what += f", {plan.label}" if phase == "grid" else ""
+    existing = tracking.find_child(cfg.tracking, parent_run_id, method.name, cfg.training.seed,
+                                   plan.label)
+    if existing is not None and existing.info.status == "FINISHED":
+        progress.say(f"= {what}: already FINISHED in MLflow run {existing.info.run_id}, left alone")
+        return finished_metrics(existing)
+    data = prepare_dataset(cfg.data, cfg.model.name_or_path, cfg.model.revision)
+    plan = replace(plan, key=run_key(cfg, method.name, plan.split_name, data.digest, str(device)))
+    if existing is None and (copied := reuse_earlier(cfg, plan, parent_run_id)):
+        progress.say(f"↺ {what}: reused an earlier FINISHED run with the same settings, data "
+                     f"and code (MLflow run {copied})")
+        return finished_metrics(tracking.client(cfg.tracking).get_run(copied))
+    with gpu_slot(cfg):  # waiting for the GPU is not part of the method's run
+        run_id = open_child_run(cfg, method, parent_run_id, device, existing, plan)
+        progress.say(f"▶ {what}: MLflow run {run_id}{' (resumed)' if existing else ''}")
+        try:
+            with tracking.closing_run(cfg.tracking, run_id, system_metrics=True):
+                out = run_method(cfg, method, data, run_id, device,
+                                 resumed=existing is not None, split=plan.split)
+        except Exception as e:
+            progress.say(f"✗ {what}: FAILED: {redact(str(e)).splitlines()[0][:300]}")
+            raise
+    progress.say(f"✓ {what}: {plan.split_name} accuracy {out.get(names.EVAL_ACCURACY, 0):.4f}, "
+                 f"train {out[names.TRAIN_TIME]:.1f} s, peak {out[names.PEAK_MEMORY]:,.0f} MB")
+    return out

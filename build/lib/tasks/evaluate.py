@@ -1,0 +1,95 @@
+"""Evaluation: metrics, a predictions table, a confusion matrix, and eval throughput."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from torch import nn
+
+from tasks.collate import SplitData, make_loader
+from tasks.train import NonFiniteError, autocast
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]          # accuracy, f1_macro, precision, recall, loss, …
+    predictions: pd.DataFrame          # label, prediction, p_<k> per class (and text)
+    confusion: np.ndarray              # (num_labels, num_labels), rows = true labels
+
+
+def compute_metrics(labels, preds, num_labels: int) -> dict[str, float]:
+    """Macro averages over every class, including a class the model never predicts."""
+    classes = list(range(num_labels))
+    p, r, f1, _ = precision_recall_fscore_support(labels, preds, labels=classes,
+                                                  average="macro", zero_division=0)
+    return {"accuracy": float(accuracy_score(labels, preds)), "f1_macro": float(f1),
+            "precision": float(p), "recall": float(r)}
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, data: SplitData, num_labels: int, pad_token_id: int,
+                   device: torch.device, batch_size: int = 64, precision: str = "fp32",
+                   texts: Optional[list[str]] = None) -> EvalResult:
+    was_training = model.training
+    model.eval()
+    loader = make_loader(data, batch_size, shuffle=False, seed=0, pad_token_id=pad_token_id)
+    probs, loss_sum = [], 0.0
+    t0 = time.perf_counter()
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device, precision):
+            out = model(**batch)
+        loss_sum += out.loss.float().item() * len(batch["labels"])
+        probs.append(out.logits.float().softmax(-1).cpu())
+    elapsed = time.perf_counter() - t0
+    model.train(was_training)
+    p = torch.cat(probs).numpy()
+    if not (np.isfinite(p).all() and np.isfinite(loss_sum)):
+        bad = int((~np.isfinite(p).all(-1)).sum())
+        raise NonFiniteError(f"evaluation produced non-finite outputs ({bad} of {len(p)} rows "
+                             f"with NaN/inf probabilities, loss {loss_sum / len(p)}): the model's "
+                             "weights diverged; its predictions are not usable")
+    labels, preds = np.asarray(data.labels), p.argmax(-1)
+    metrics = compute_metrics(labels, preds, num_labels)
+    metrics.update(loss=loss_sum / len(labels), eval_time_s=elapsed,
+                   samples_per_s=len(labels) / max(elapsed, 1e-9))
+    table = pd.DataFrame({"label": labels, "prediction": preds,
+                          **{f"p_{k}": p[:, k] for k in range(p.shape[1])}})
+    if texts is not None:
+        table.insert(0, "text", texts)
+    cm = confusion_matrix(labels, preds, labels=list(range(num_labels)))
+    return EvalResult(metrics, table, cm)
+
+
+def plot_confusion(cm: np.ndarray, path: Path, title: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3.6, 3.2), dpi=120)
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center",
+                color="white" if v > cm.max() / 2 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title=title,
+           xticks=range(len(cm)), yticks=range(len(cm)))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(model: nn.Module, data: SplitData, num_labels: int, pad_token_id: int,
+                  device: str, batch_size: int = 64, precision: str = "fp32",
+                  texts: Optional[list[str]] = None) -> EvalResult:
+    return evaluate_model(model, data, num_labels, pad_token_id, torch.device(device),
+                          batch_size, precision, texts)

@@ -1,0 +1,257 @@
+"""Our own training loop, on purpose: every measured second and byte is visible here.
+
+Every method gets the same optimiser (AdamW), schedule and clipping; only the learning rate may
+differ, and only where the config says so. Periodic evaluation, logging and checkpointing are
+excluded from train time. A non-finite loss or gradient norm stops the run at once
+(`NonFiniteError`), before the optimiser step can spread it into the weights. With a checkpoint
+folder, the loop checkpoints every `checkpoint_every` steps and continues from the latest
+checkpoint it finds there, drawing the same batches and dropout masks as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from torch import nn
+from transformers import get_scheduler
+
+from tasks import checkpoint, names, progress
+from tasks.collate import SplitData, make_loader
+from tasks.config import TrainingConfig
+from tasks.machine_load import LoadReading, MachineLoad
+
+LogFn = Callable[[dict[str, float], int], None]
+
+
+class NonFiniteError(RuntimeError):
+    """Training or evaluation produced NaN or infinity; the message says where and what to try."""
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    folder: Path
+    every: int  # optimiser steps between checkpoints
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_time_s: float
+    samples: int
+    tokens: int  # non-padding tokens seen
+    losses: list[float] = field(default_factory=list)
+    periodic_eval_s: float = 0.0  # time spent in evaluate() calls, left out of train_time_s
+    step_times: list[float] = field(default_factory=list)  # wall seconds of each optimiser step
+    warmup_steps: int = 3  # steps left out of the steady-state median
+    load: Optional[LoadReading] = None  # what other processes took while this method trained
+    resumed_from: Optional[int] = None  # the checkpoint's step when the run was resumed
+
+    @property
+    def step_time_median_s(self) -> float:
+        """Median step time once caches and allocators have warmed up: the first
+        `warmup_steps` steps are left out (all steps count when there are no more than that)."""
+        steady = self.step_times[self.warmup_steps:] or self.step_times
+        return statistics.median(steady) if steady else 0.0
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / max(self.train_time_s, 1e-9)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.train_time_s, 1e-9)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16/fp16 autocast on CUDA only; CPU training stays in the model's dtype."""
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    # Decay matrices only: biases, norms and DoRA's magnitude vector are not regularised to 0.
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for _, p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def use_fused(cfg: TrainingConfig, device: torch.device) -> Optional[bool]:
+    """torch's fused AdamW kernel (one launch for all tensors) on CUDA by default; elsewhere
+    only when asked. None lets torch choose its foreach implementation."""
+    want = cfg.fused_adamw if cfg.fused_adamw is not None else device.type == "cuda"
+    return True if want else None
+
+
+def total_steps(cfg: TrainingConfig, batches_per_epoch: int) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
+
+
+class BatchStream:
+    """Micro-batches epoch after epoch, knowing where it is: the epoch, how many batches of it
+    were taken, and the loader's generator as it stood when the epoch began (each epoch's order
+    is drawn from it). `resume` replays an epoch from that state and skips what was seen."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.generator: torch.Generator = loader.generator
+        self.epoch, self.taken = 0, 0
+        self.epoch_state = self.generator.get_state()
+
+    def resume(self, epoch: int, taken: int, epoch_state: torch.Tensor) -> None:
+        self.epoch, self.taken = epoch, taken
+        self.generator.set_state(epoch_state)
+
+    def __iter__(self):
+        skip = self.taken
+        while True:
+            self.epoch_state = self.generator.get_state()
+            for i, batch in enumerate(self.loader):
+                if i < skip:
+                    continue
+                self.taken = i + 1
+                yield batch
+            skip, self.taken = 0, 0
+            self.epoch += 1
+
+
+def _diverged(what: str, step: int, value: float, losses: list[float], cfg: TrainingConfig,
+              lr: float) -> NonFiniteError:
+    last = next(((i + 1, v) for i, v in reversed(list(enumerate(losses))) if math.isfinite(v)), None)
+    seen = f"last finite loss {last[1]:.4g} at step {last[0]}" if last else "no finite loss yet"
+    hint = f"lower the learning rate (now {lr:g})"
+    if cfg.precision == "fp16":
+        hint += " or train in bf16/fp32 (fp16 overflows easily)"
+    if not cfg.max_grad_norm:
+        hint += " or set training.max_grad_norm"
+    return NonFiniteError(f"training diverged at step {step}: {what} is {value} ({seen}); "
+                          f"{hint}. Nothing of this run is kept as a usable adapter.")
+
+
+def _grad_norm(trainable: list[torch.Tensor], max_norm: Optional[float]) -> float:
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+    grads = [p.grad for p in trainable if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def train_model(model: nn.Module, train: SplitData, cfg: TrainingConfig, lr: float,
+                pad_token_id: int, device: torch.device, log: Optional[LogFn] = None,
+                evaluate: Optional[Callable[[int], None]] = None,
+                ckpt: Optional[CheckpointPlan] = None) -> TrainResult:
+    """AdamW + schedule + accumulation + clipping. `log(metrics, step)` every `log_every`
+    optimiser steps, `evaluate(step)` every `cfg.eval_every` steps (its time is not counted).
+    The machine's load from other processes is measured over the whole loop."""
+    with MachineLoad(gpu_index=_gpu_index(device)) as load:
+        res = _train_loop(model, train, cfg, lr, pad_token_id, device, log, evaluate, ckpt)
+    res.load = load.reading
+    return res
+
+
+def _gpu_index(device: torch.device) -> Optional[int]:
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _train_loop(model, train, cfg, lr, pad_token_id, device, log, evaluate, ckpt) -> TrainResult:
+    torch.manual_seed(cfg.seed)
+    loader = make_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                         pad_token_id=pad_token_id, group_by_length=cfg.group_by_length)
+    steps = total_steps(cfg, len(loader))
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr,
+                            fused=use_fused(cfg, device))
+    sched = get_scheduler(cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * steps),
+                          num_training_steps=steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    stream, prog = BatchStream(loader), checkpoint.Progress()
+    if ckpt is not None and (back := checkpoint.restore(ckpt.folder, model, opt, sched, device)):
+        prog = back.progress
+        stream.resume(prog.epoch, prog.batches_into_epoch, back.epoch_generator_state)
+    model.train()
+    bar = progress.run_bar(steps, prog.step, "train")
+    micro, window, segment = 0, [], 0.0
+    t0 = step_start = time.perf_counter()
+    for batch in _take(stream, (steps - prog.step) * cfg.grad_accum):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device, cfg.precision):
+            loss = model(**batch).loss
+        value = loss.item()  # syncs CUDA, so the step time below is real
+        if not math.isfinite(value):
+            raise _diverged("the loss", prog.step + 1, value, prog.losses, cfg, lr)
+        (loss / cfg.grad_accum).backward()
+        prog.samples += len(batch["labels"])
+        prog.tokens += int(batch["attention_mask"].sum())
+        window.append(value)
+        micro += 1
+        if micro % cfg.grad_accum:
+            continue
+        norm = _grad_norm(trainable, cfg.max_grad_norm)
+        if not math.isfinite(norm):
+            raise _diverged("the gradient norm", prog.step + 1, norm, prog.losses, cfg, lr)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        prog.step += 1
+        prog.losses.append(sum(window) / len(window))
+        window = []
+        now = time.perf_counter()
+        prog.step_times.append(now - step_start)
+        bar.update(1)
+        progress.step_done()
+        bar.set_postfix(loss=f"{prog.losses[-1]:.4f}", refresh=False)
+        _between_steps(prog, steps, cfg, sched, log, evaluate, model)
+        segment = now - t0
+        if ckpt is not None and prog.step % ckpt.every == 0 and prog.step < steps:
+            prog.epoch, prog.batches_into_epoch = stream.epoch, stream.taken
+            prog.train_time_s += segment
+            checkpoint.save(ckpt.folder, model, opt, sched, prog, stream.epoch_state, device)
+            prog.train_time_s -= segment  # added once, at the end
+        t0 += time.perf_counter() - now  # logging, evaluation, checkpoints: not training time
+        step_start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    bar.close()
+    prog.train_time_s += time.perf_counter() - t0
+    return TrainResult(prog.step, prog.train_time_s, prog.samples, prog.tokens, prog.losses,
+                       prog.periodic_eval_s, prog.step_times, cfg.timing_warmup_steps,
+                       resumed_from=prog.resumed_from)
+
+
+def _take(stream: BatchStream, n: int):
+    if n <= 0:
+        return
+    for batch in stream:
+        yield batch
+        n -= 1
+        if n == 0:
+            return
+
+
+def _between_steps(prog, steps, cfg, sched, log, evaluate, model) -> None:
+    if log and prog.step % cfg.log_every == 0:
+        log({names.TRAIN_LOSS: prog.losses[-1], names.TRAIN_LR: sched.get_last_lr()[0]}, prog.step)
+    if evaluate and cfg.eval_every and prog.step % cfg.eval_every == 0 and prog.step < steps:
+        e0 = time.perf_counter()
+        evaluate(prog.step)
+        model.train()
+        prog.periodic_eval_s += time.perf_counter() - e0
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(model: nn.Module, train: SplitData, cfg: TrainingConfig, lr: float,
+               pad_token_id: int, device: str, log: Optional[LogFn] = None,
+               evaluate: Optional[Callable[[int], None]] = None,
+               ckpt: Optional[CheckpointPlan] = None) -> TrainResult:
+    return train_model(model, train, cfg, lr, pad_token_id, torch.device(device), log,
+                       evaluate, ckpt)

@@ -1,0 +1,71 @@
+"""A normal run prints our progress and results and nothing else: the warnings that were ours
+are fixed, the rest of other libraries' output goes to the run's log file (logged on the parent
+run), and `--verbose` shows it."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from conftest import ROOT, make_bench_config
+from flows.benchmark import benchmark
+from flows.cli import app
+
+runner = CliRunner()
+OURS_FIXED = (r".*dataset source can be interpreted in multiple ways.*",
+              r".*Inferred schema contains integer column.*")
+OTHERS = ("LOAD REPORT", "gemm_4bit_forward", "Finished in state", "UserWarning",
+          "Downloading artifacts", "system_metrics_monitor", "View run")
+
+
+def test_a_toy_benchmark_raises_none_of_the_warnings_that_were_ours(prefect_harness, tmp_path,
+                                                                    tiny_model_dir, sst2_dir):
+    cfg = make_bench_config(tmp_path, tiny_model_dir, sst2_dir)
+    cfg["methods"] = cfg["methods"][1:4:2]  # lora and qlora
+    with warnings.catch_warnings():
+        for message in OURS_FIXED:
+            warnings.filterwarnings("error", message=message)
+        result = benchmark(config=cfg)
+    assert result["failed"] == []
+
+
+def test_the_console_shows_our_lines_and_the_log_file_the_rest(prefect_harness, tmp_path,
+                                                               bench_config):
+    bench_config["methods"] = bench_config["methods"][1:4:2]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(bench_config))
+    out = runner.invoke(app, ["run", str(path)])
+    assert out.exit_code == 0, out.output
+    assert "▶ lora seed 42" in out.output and "✓ qlora seed 42: validation accuracy" in out.output
+    for noise in OTHERS:
+        assert noise not in out.output, noise
+    log = Path(re.search(r"log:\s+(\S+\.log)", out.output).group(1))
+    text = log.read_text()
+    assert "Finished in state Completed()" in text and "LOAD REPORT" in text  # kept, not shown
+    parent = next(r for r in MlflowClient(bench_config["tracking"]["tracking_uri"]).search_runs(
+        [MlflowClient(bench_config["tracking"]["tracking_uri"]).get_experiment_by_name("ci").experiment_id],
+        "tags.`peft_bench.role` = 'parent'"))
+    client = MlflowClient(bench_config["tracking"]["tracking_uri"])
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "logs")] == [f"logs/{log.name}"]
+    loud = runner.invoke(app, ["run", str(path), "--verbose", "--methods", "lora"])
+    assert loud.exit_code == 0 and "Finished in state Completed()" in loud.output
+    lines = len(out.output.splitlines())
+    print(f"\nconsole lines of a quiet 2-method run: {lines}")
+
+
+def test_the_install_warns_about_no_package(tmp_path):
+    """setuptools' "Package would be ignored" block came from the report templates' folder."""
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path),
+                          str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "would be ignored" not in out.stdout + out.stderr
+    wheel = next(tmp_path.glob("peft_bench-*.whl"))
+    import zipfile
+
+    assert "tasks/templates/report.html.j2" in zipfile.ZipFile(wheel).namelist()
