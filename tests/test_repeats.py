@@ -236,6 +236,7 @@ NOT_WRITTEN_HERE = {
     "peft_bench.chosen": "sweeps: test_sweep.py", "peft_bench.chosen_point": "sweeps: test_sweep.py",
     "peft_bench.reused_from": "reused runs: test_sweep.py",
     "mlflow.experimentKind": "an experiment tag: test_browser.py",
+    "mlflow.data.context": "a dataset input tag: test_pipeline.py (inputs with digests)",
 }
 NOT_NAMES = {"parent", "child", "aggregate", "grid", "predictions.csv", "report", "adapter",
              "logs", "peft-bench-report", "peft-bench-regressions",
