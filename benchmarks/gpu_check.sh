@@ -87,7 +87,7 @@ else
     fi
     # 12 interleaved steps after 3 warm-ups, one memory run each: about 3 minutes on an H200,
     # most of it building and loading the 774M-parameter model in 9 subprocesses.
-    if timeout 330 "$PYTHON" benchmarks/adapters.py --shape large --dtype bfloat16 --device cuda \
+    if timeout 270 "$PYTHON" benchmarks/adapters.py --shape large --dtype bfloat16 --device cuda \
         --methods "$METHODS" --batch 8 --seq 128 --steps 12 --warmup 3 --mem-reps 1 \
         >"$OUT/adapters_large.log" 2>&1; then
         sed -n '/^shape=/,$p' "$OUT/adapters_large.log" >>"$SUMMARY"
@@ -103,13 +103,19 @@ say ""
 say "## (b) cuda_smoke.py: tiny model, bf16 autocast, NF4 on CUDA"
 say ""
 if [ ! -f "$DATA/train.tsv" ] || [ ! -f "$DATA/validation.tsv" ]; then
-    say "no data at $DATA (train.tsv, validation.tsv): skipping (b); set DATA to the SST-2 folder"
+    say "no SST-2 at $DATA: (b) uses synthetic SST-2-shaped data (benchmarks/synthetic_sst2.py);"
+    say "its accuracies check the code path only"
+    DATA=$(mktemp -d)/synthetic-sst2
+    "$PYTHON" benchmarks/synthetic_sst2.py "$DATA" >/dev/null
+fi
+if [ ! -f "$DATA/train.tsv" ]; then
+    say "no data: skipping (b)"
 elif ! py_ok "import tasks.train, tasks.evaluate, tasks.data, tasks.model"; then
     say "the pipeline's dependencies are missing: skipping (b):"
     "$PYTHON" -c "import tasks.train, tasks.evaluate, tasks.data, tasks.model" 2>&1 | tail -n 1 \
         | sed 's/^/    /' | tee -a "$SUMMARY"
 else
-    if timeout 150 "$PYTHON" benchmarks/cuda_smoke.py --data "$DATA" --steps 20 \
+    if timeout 110 "$PYTHON" benchmarks/cuda_smoke.py --data "$DATA" --steps 20 \
         --out "$OUT/cuda_smoke.md" >"$OUT/cuda_smoke.log" 2>&1; then
         cat "$OUT/cuda_smoke.md" >>"$SUMMARY"
         echo "(b) done"
@@ -118,6 +124,23 @@ else
         tail -n 15 "$OUT/cuda_smoke.log" | sed 's/^/    /' | tee -a "$SUMMARY"
         FAILED=1
     fi
+fi
+say ""
+say "## (c) adapters.py --shape small, bf16, batch 32 x 64: a GPT-2 (124M) step, for sweep costs"
+say ""
+if py_ok "import peft, peft_modules, benchmarks._noise"; then
+    if timeout 110 "$PYTHON" benchmarks/adapters.py --shape small --dtype bfloat16 --device cuda \
+        --methods lora,dora --batch 32 --seq 64 --steps 20 --warmup 5 --mem-reps 1 \
+        >"$OUT/adapters_small.log" 2>&1; then
+        sed -n '/^shape=/,$p' "$OUT/adapters_small.log" >>"$SUMMARY"
+        echo "(c) done"
+    else
+        say "(c) FAILED (exit $?); the end of $OUT/adapters_small.log:"
+        tail -n 15 "$OUT/adapters_small.log" | sed 's/^/    /' | tee -a "$SUMMARY"
+        FAILED=1
+    fi
+else
+    say "peft or the project's dependencies are missing: skipping (c)"
 fi
 say ""
 say "summary written to $SUMMARY"
