@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._noise import Checks, Spread, describe_load, spread  # noqa: E402
 from tasks.machine_load import LoadReading, MachineLoad  # noqa: E402
 
-TARGET_S = 10.0
+TARGET_S = 5.0       # warm (issue #11)
+COLD_TARGET_S = 10.0  # the first run, data tokenised
 
 # Repeated in one process: the first run prepares (tokenises) the data, the later ones find it
 # in Prefect's cache, as every later benchmark on the same data does.
@@ -88,6 +89,15 @@ def verdict_line(s: Spread) -> str:
     return f"warm pipeline overhead {s.fmt(digits=2)} s  target <= {TARGET_S:.0f} s: {word}"
 
 
+def cold_line(report: list[tuple[dict, dict]]) -> str:
+    cold = [overhead_s(res, per) for res, per in report if res["run"] == "cold"]
+    if not cold:
+        return ""
+    word = "met" if cold[0] <= COLD_TARGET_S else "missed"
+    return (f"cold pipeline overhead {cold[0]:.2f} s (one run)  target <= {COLD_TARGET_S:.0f} s: "
+            f"{word}")
+
+
 def summarize(report: list[tuple[dict, dict]], load: LoadReading | None) -> str:
     """Every run's breakdown, the warm overhead's spread, the load, and a verdict or WARNINGs."""
     checks, lines = Checks(), []
@@ -105,7 +115,8 @@ def summarize(report: list[tuple[dict, dict]], load: LoadReading | None) -> str:
         checks.consistent(False, "no warm run to judge")
     checks.load(load, "during the flow runs")
     lines.append(describe_load(load, "during the flow runs"))
-    return "\n".join(lines + ["", checks.verdict(verdict_line(spread(warm)) if warm else "")])
+    return "\n".join(lines + ["", cold_line(report),
+                              checks.verdict(verdict_line(spread(warm)) if warm else "")])
 
 
 def main() -> None:
@@ -123,7 +134,8 @@ def main() -> None:
                 results = run_flow(server.url + "/api", args.config, args.rounds,
                                    [f"tracking.tracking_uri={uri}",
                                     f"report.output_dir={tmp}/reports", *args.overrides],
-                                   prefect_env(Path(tmp)))
+                                   # an empty data cache: the first run is really cold
+                                   {**prefect_env(Path(tmp)), "PEFT_BENCH_CACHE": f"{tmp}/cache"})
             report = [(res, method_seconds(uri, res["parent_run_id"])) for res in results]
         finally:
             stop_procs([server])

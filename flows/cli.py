@@ -77,6 +77,7 @@ def run(config: Optional[Path] = typer.Argument(
     masked = launch.mask_overrides(set_)
     try:  # everything that can be checked is checked before a server or a flow starts
         cfg, as_dict = launch.load(config, set_, selected, resume)
+        launch.check_light(cfg)  # the output folder first: the run's log file goes there
         quiet_other_libraries(run_log(cfg), verbose)
         launch.check(cfg, lambda line: console.print(f"[yellow]{line}[/yellow]", highlight=False))
         launch.server(server_timeout)
@@ -112,7 +113,8 @@ def _run_flow(cfg, config: Optional[Path], as_dict: Optional[dict], masked: list
               else {"config": public_dump(cfg)})
     try:
         result = benchmark(**source, overrides=masked if config is not None else None,
-                           methods=selected if config is not None else None, resume=resume)
+                           methods=selected if config is not None else None, resume=resume,
+                           prechecked=True)
     except RegressionError as e:
         result, regressed = e.result, True
     except AllRunsFailed as e:

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 from prefect import flow
+from prefect.utilities.annotations import quote
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import deployment, flow_run
 
@@ -104,9 +105,11 @@ def evaluate(cfg: BenchConfig, model, data: PreparedData, device: torch.device,
              with_texts: bool = False, split: str = "eval") -> EvalResult:
     """Score on the run's one split: the selection split, or the test split of a final run
     (periodic evaluations too, so no number of a run ever comes from another split)."""
-    return evaluate_task(model, data.split(split), data.num_labels, data.pad_token_id,
+    # quote(): Prefect walks every task argument looking for futures; through a split's
+    # thousands of token-id lists that walk cost ~0.2 s a call (benchmarks/pipeline_overhead).
+    return evaluate_task(model, quote(data.split(split)), data.num_labels, data.pad_token_id,
                          str(device), cfg.training.eval_batch_size, cfg.training.precision,
-                         data.texts(split) if with_texts else None)
+                         quote(data.texts(split)) if with_texts else None)
 
 
 def train_and_measure(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_id: str,
@@ -118,15 +121,17 @@ def train_and_measure(cfg: BenchConfig, method: MethodConfig, data: PreparedData
             model_size_mb = saved_size_mb(model)
         summary = inject_adapter_task(model, method)
 
-        def log_fn(metrics: dict[str, float], step: int) -> None:
-            tracking.log_metrics(run_id, cfg.tracking, metrics, step)
+        buffer = tracking.MetricBuffer(run_id, cfg.tracking)
 
         def eval_fn(step: int) -> None:
             log_eval(run_id, cfg, evaluate(cfg, model, data, device, split=split), step)
 
-        result = train_task(model, data.train, cfg.training, method.lr or cfg.training.lr,
-                            data.pad_token_id, str(device), log_fn, eval_fn,
-                            checkpoint_plan(cfg, run_id))
+        try:
+            result = train_task(model, quote(data.train), cfg.training,
+                                method.lr or cfg.training.lr, data.pad_token_id, str(device),
+                                buffer.add, eval_fn, checkpoint_plan(cfg, run_id))
+        finally:
+            buffer.flush()
     return model, summary, result, mem.peak_mb, model_size_mb
 
 

@@ -77,13 +77,23 @@ def load(config_path: Optional[Path], overrides: list[str], methods: Optional[li
         raise LaunchError(str(e), BAD_INPUT) from None
 
 
-def check(cfg: BenchConfig, log) -> None:
-    """Steps 2-4 above."""
+def check_light(cfg: BenchConfig) -> None:
+    """Step 2 above: the output folder, the model folder's files, the data."""
+    from tasks import preflight
     from tasks.dataset import DataError
-    from tasks.preflight import check_heavy, check_light
 
     try:
-        check_light(cfg)
+        preflight.check_light(cfg)
+    except (ConfigError, DataError) as e:
+        raise LaunchError(str(e), BAD_INPUT) from None
+
+
+def check(cfg: BenchConfig, log) -> None:
+    """Steps 3-4 above; `check_light` (step 2) comes first."""
+    from tasks.dataset import DataError
+    from tasks.preflight import check_heavy
+
+    try:
         skipped = check_heavy(cfg)
     except (ConfigError, DataError) as e:
         raise LaunchError(str(e), BAD_INPUT) from None

@@ -147,10 +147,14 @@ def flow_run(run: str, wall: float, work: float) -> tuple[dict, dict]:
 
 
 def test_pipeline_overhead_summary():
-    report = [flow_run("cold", 40, 20)] + [flow_run("warm", w, 20) for w in (26, 26.2, 26.4)]
+    report = [flow_run("cold", 28, 20)] + [flow_run("warm", w, 20) for w in (24, 24.2, 24.4)]
     out = pipeline_overhead.summarize(report, QUIET)
-    assert "warm pipeline overhead: 6.20 [6.10–6.30] s" in out
-    assert out.splitlines()[-1].endswith("target <= 10 s: met")
+    assert "warm pipeline overhead: 4.20 [4.10–4.30] s" in out
+    assert "cold pipeline overhead 8.00 s (one run)  target <= 10 s: met" in out
+    assert out.splitlines()[-1].endswith("target <= 5 s: met")
+    slow = [flow_run("cold", 40, 20)] + [flow_run("warm", w, 20) for w in (26, 26.2, 26.4)]
+    out = pipeline_overhead.summarize(slow, QUIET)
+    assert out.splitlines()[-1].endswith("target <= 5 s: missed") and "10 s: missed" in out
 
 
 def test_pipeline_overhead_warns_on_impossible_and_noisy_runs():

@@ -118,13 +118,18 @@ def resume_parent(cfg: BenchConfig, parent_run_id: str) -> str:
 def run_local(cfg: BenchConfig, jobs: list[Job]) -> dict[str, str]:
     """Each job as an in-process child flow run, one after another, in the jobs' order (for
     final runs the method order rotates from one seed to the next)."""
+    from prefect.settings import temporary_settings
+
     states, config = {}, public_dump(cfg)
-    for job in jobs:
-        run = finetune.with_options(flow_run_name=job.flow_run_name(cfg.name))
-        state = run(**job.parameters(config), return_state=True)
-        states[job.key] = state.type.value
-        if not state.is_completed():
-            get_run_logger().error("%s failed: %s", job.key, state.message)
+    # No heartbeats for in-process child runs: this process is their only runner (if it dies,
+    # they die with it), and each heartbeat thread costs up to 1 s to join at the end of a run.
+    with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+        for job in jobs:
+            run = finetune.with_options(flow_run_name=job.flow_run_name(cfg.name))
+            state = run(**job.parameters(config), return_state=True)
+            states[job.key] = state.type.value
+            if not state.is_completed():
+                get_run_logger().error("%s failed: %s", job.key, state.message)
     return states
 
 
@@ -185,10 +190,14 @@ def fail_mlflow_runs(flow, flow_run, state) -> None:
       on_cancellation=[fail_mlflow_runs])
 def benchmark(config_path: Optional[str] = None, overrides: Optional[list[str]] = None,
               config: Optional[dict] = None, methods: Optional[list[str]] = None,
-              resume: Optional[str] = None) -> dict[str, Any]:
+              resume: Optional[str] = None, prechecked: bool = False) -> dict[str, Any]:
+    """`prechecked`: the caller (the CLI) ran the same checks a moment ago in this process;
+    only the data summary is taken again, not the model targets and the store."""
     cfg = revealed(resolve_config(config_path, overrides, config, methods))
-    summary = preflight(cfg)
+    if not prechecked:
+        preflight(cfg)
     data = prepare_dataset(cfg.data, cfg.model.name_or_path, cfg.model.revision)
+    summary = data.summary
     if resume:
         parent = resume_parent(cfg, resume)
     else:

@@ -112,7 +112,8 @@ def _run_flow(cfg, config: Optional[Path], as_dict: Optional[dict], masked: list
               else {"config": public_dump(cfg)})
     try:
         result = benchmark(**source, overrides=masked if config is not None else None,
-                           methods=selected if config is not None else None, resume=resume)
+                           methods=selected if config is not None else None, resume=resume,
+                           prechecked=True)
     except RegressionError as e:
         result, regressed = e.result, True
     except AllRunsFailed as e:
@@ -122,8 +123,12 @@ def _run_flow(cfg, config: Optional[Path], as_dict: Optional[dict], masked: list
     _keep_log(cfg, result["parent_run_id"], log_file)
     show_benchmark(cfg.tracking.tracking_uri, result["parent_run_id"])
     console.print(f"report:  {result['report_html']}\n         {result['report_md']}")
+    from tasks.tracking import experiment_id, ui_path
+
+    page = ui_path(experiment_id(cfg.tracking))
     console.print(f"MLflow:  parent run {result['parent_run_id']}; open the UI with\n"
-                  f"         mlflow ui --backend-store-uri {result['tracking_uri']}")
+                  f"         mlflow ui --backend-store-uri {result['tracking_uri']}\n"
+                  f"         and http://127.0.0.1:5000/{page} (methods compared)")
     if result["failed"]:
         _fail(f"failed runs: {', '.join(result['failed'])}", code=1)
     if regressed:

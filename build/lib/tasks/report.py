@@ -33,8 +33,9 @@ from tasks.aggregate import MethodAggregate, Summary, child_runs as _child_runs,
 from tasks.charts import Chart, draw_all, method_colors
 from tasks.charts_sweep import draw_sweep, frontier
 from tasks.regression import Check
-from tasks.report_render import render_html, render_markdown, verdict_rows
+from tasks.report_render import parent_note, render_html, render_markdown, verdict_rows
 from tasks.stats import pareto_beyond_noise
+from tasks.tracking import ui_path
 
 HISTORY_METRICS = (names.TRAIN_LOSS, names.EVAL_ACCURACY)
 
@@ -108,7 +109,8 @@ def _header(client: MlflowClient, parent: Run, tracking_uri: str, summary: Summa
         "versions": {k.removeprefix("versions."): v for k, v in sorted(params.items())
                      if k.startswith("versions.")},
         "random_init": tags.get(names.RANDOM_INIT, "").strip().lower() == "true",
-        "ui_command": f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}",
+        "ui_command": f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}, then open "
+                      f"http://127.0.0.1:5000/{ui_path(parent.info.experiment_id)}",
         "params": {k: v for k, v in sorted(params.items()) if not k.startswith("versions.")},
     }
 
@@ -371,6 +373,7 @@ def generate_report(parent_run_id: str, tracking_uri: str, out_dir: Path) -> Rep
         charts = _write(ctx, work)
         # Logged from the temp folder, before the rename, so a logging failure leaves no report.
         client.log_artifacts(run_id, str(work), artifact_path=names.REPORT_ARTIFACTS)
+        client.set_tag(run_id, names.RUN_NOTE, parent_note(ctx))  # the UI's run description
         dest = out_dir / run_id
         _move_into_place(work, dest)
     except BaseException:

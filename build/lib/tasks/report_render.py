@@ -275,6 +275,17 @@ def _md_header(h: dict) -> list[str]:
             f"- **Browse the runs:** `{h['ui_command']}`"]
 
 
+def parent_note(ctx: dict, limit: int = 7900) -> str:
+    """The parent run's description in the MLflow UI: the report's results table and
+    verdicts (MLflow keeps 8,000 characters of a tag)."""
+    h = ctx["header"]
+    lines = [f"**{h['benchmark']}**: {len(ctx['summary'])} methods, seeds "
+             f"{', '.join(map(str, h['seeds']))}; full report in the `report/` artifacts.", ""]
+    lines += _md_table(ctx["summary"]) + [""] + _md_verdicts(ctx)
+    text = "\n".join(lines)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def render_markdown(ctx: dict, with_charts: bool = True) -> str:
     h = ctx["header"]
     lines = [f"# peft-bench report: {h['benchmark']}", ""] + _md_budget(ctx)

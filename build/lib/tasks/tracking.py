@@ -106,6 +106,27 @@ def log_metrics(run_id: str, tracking: TrackingConfig, metrics: dict[str, float]
                                                 for k, v in metrics.items()])
 
 
+class MetricBuffer:
+    """Per-step metrics kept in memory and written in batches (MLflow takes 1000 a call), so
+    the training loop does not wait on the store every `log_every` steps. `flush` at the end,
+    and in a `finally`, so a failing run keeps what it logged."""
+
+    def __init__(self, run_id: str, tracking: TrackingConfig, max_items: int = 1000):
+        self.run_id, self.tracking, self.max_items = run_id, tracking, max_items
+        self.items: list[Metric] = []
+
+    def add(self, metrics: dict[str, float], step: int) -> None:
+        now = get_current_time_millis()
+        self.items += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if len(self.items) >= self.max_items:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.items:
+            client(self.tracking).log_batch(self.run_id, metrics=self.items)
+            self.items = []
+
+
 def log_history(run_id: str, tracking: TrackingConfig, key: str, values: list[float],
                 first_step: int = 1) -> None:
     """A whole per-step history in a few calls (MLflow takes 1000 metrics a batch), so the
