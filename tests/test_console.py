@@ -61,8 +61,14 @@ def test_the_console_shows_our_lines_and_the_log_file_the_rest(prefect_harness, 
 
 def test_the_install_warns_about_no_package(tmp_path):
     """setuptools' "Package would be ignored" block came from the report templates' folder."""
+    import shutil
+
+    src = tmp_path / "src"  # a copy: a build writes build/ and *.egg-info into the source tree
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "*.egg-info", "reports", ".cache", ".checkpoints", "mlflow.db",
+        ".whl", "__pycache__"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path),
-                          str(ROOT)], capture_output=True, text=True, timeout=600)
+                          str(src)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "would be ignored" not in out.stdout + out.stderr
     wheel = next(tmp_path.glob("peft_bench-*.whl"))
