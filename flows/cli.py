@@ -284,8 +284,11 @@ def make_tiny_model_cmd(out: Path = typer.Argument(..., help="model directory to
                         vocab_size: int = typer.Option(1024)) -> None:
     """Build a small, randomly initialised GPT-2-style model offline (tokenizer trained on the
     data), loadable with from_pretrained."""
+    import transformers
+
     from tasks.tiny_model import make_tiny_model
 
+    transformers.utils.logging.disable_progress_bar()  # its "Writing model shards" bar
     try:
         path = make_tiny_model(out, data, vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd)
     except FileNotFoundError as e:
