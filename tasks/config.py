@@ -185,6 +185,10 @@ class RegressionConfig(_Strict):
     accuracy_drop: float = Field(0.01, ge=0, description="absolute accuracy floor (0.01 = 1 pt)")
     time_rise: float = Field(0.10, ge=0, description="relative train-time floor (0.10 = +10%)")
     memory_rise: float = Field(0.05, ge=0, description="relative peak-memory floor")
+    time_floor_s: float = Field(0.5, ge=0, description="absolute train-time floor (seconds)")
+    memory_floor_mb: float = Field(
+        32.0, ge=0, description="absolute peak-memory floor: a CPU run's resident set "
+                                "jitters by tens of MB whatever the code does")
     fail_on_regression: bool = Field(False, description="end the flow run FAILED on a flag")
 
 

@@ -6,8 +6,9 @@ For each method and metric (accuracy: a drop is bad; train time and peak memory:
     baseline  = mean of the earlier runs' per-method means (the last `window` runs)
     noise     = √(s_hist² + se_new²)   s_hist: std of those means (0 with one earlier run)
                                        se_new: std of the new seeds / √n (0 with one seed)
-    tolerance = max(floor, sigmas × noise)   floor: accuracy_drop (absolute), or
-                                             time_rise / memory_rise × baseline (relative)
+    tolerance = max(floor, sigmas × noise)   floor: accuracy_drop (absolute), or the larger
+                                             of time_rise / memory_rise × baseline (relative)
+                                             and time_floor_s / memory_floor_mb (absolute)
     flagged   when the new mean is worse than the baseline by more than the tolerance.
 
 The floors keep a quiet history (identical numbers, noise 0) from flagging jitter; `sigmas`
@@ -28,10 +29,11 @@ from tasks import names
 from tasks.aggregate import Summary
 from tasks.config import RegressionConfig
 
-# summary key -> (aggregate mean metric, direction: +1 when higher is worse, floor field)
+# summary key -> (direction: +1 when higher is worse, floor field)
 CHECKED = {"accuracy": (-1, "accuracy_drop"), "train_time_s": (+1, "time_rise"),
            "peak_memory_mb": (+1, "memory_rise")}
 RELATIVE = {"time_rise", "memory_rise"}
+ABSOLUTE = {"time_rise": "time_floor_s", "memory_rise": "memory_floor_mb"}
 MAX_TAG = 7900  # MLflow's tag values hold 8000 characters
 
 
@@ -144,6 +146,8 @@ def detect(summary: Summary, past: dict[str, dict[str, dict[str, float]]],
             se_new = iv.std / math.sqrt(iv.n) if iv.std is not None else 0.0
             noise = math.sqrt(_stdev([v for _, v in olds]) ** 2 + se_new ** 2)
             floor = getattr(cfg, floor_field) * (abs(baseline) if floor_field in RELATIVE else 1)
+            if floor_field in ABSOLUTE:
+                floor = max(floor, getattr(cfg, ABSOLUTE[floor_field]))
             tolerance = max(floor, cfg.sigmas * noise)
             if direction * (iv.mean - baseline) > tolerance:
                 check.flags.append(Flag(name, key, baseline, iv.mean, tolerance,
