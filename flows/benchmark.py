@@ -97,10 +97,6 @@ def planned_total_steps(cfg: BenchConfig, train_rows: int) -> int:
     return grid + planned_steps(cfg, train_rows) * len(cfg.runs())
 
 
-def run_key(method: str, seed: int) -> str:
-    return f"{method}/seed={seed}"
-
-
 def resume_parent(cfg: BenchConfig, parent_run_id: str) -> str:
     """Take up an earlier benchmark's parent run: same config fingerprint, reopened RUNNING."""
     run = tracking.client(cfg.tracking).get_run(parent_run_id)

@@ -101,11 +101,9 @@ def reap_orphans() -> list[int]:
 
 
 def _alive(pid: int, started: float) -> bool:
-    try:
-        p = psutil.Process(pid)
-        return abs(p.create_time() - started) < 1.0 and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    from tasks.lifecycle import process_alive
+
+    return bool(process_alive(pid, started))
 
 
 def _spawn(port: int, log: Path) -> subprocess.Popen:

@@ -30,6 +30,18 @@ def owner_tag() -> str:
     return f"{socket.gethostname()}:{me.pid}:{me.create_time():.2f}"
 
 
+def process_alive(pid: int, started: float) -> Optional[bool]:
+    """Whether the process `pid` that started at `started` (epoch seconds) still runs: the
+    start time tells it from a new process that reused the pid. None when it cannot be told."""
+    try:
+        proc = psutil.Process(pid)
+        return abs(proc.create_time() - started) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return None
+
+
 def owner_alive(tag: str) -> Optional[bool]:
     """True or False for an owner on this host; None for another host or a malformed tag."""
     try:
@@ -39,14 +51,7 @@ def owner_alive(tag: str) -> Optional[bool]:
         return None
     if host != socket.gethostname():
         return None
-    try:
-        proc = psutil.Process(pid_i)
-        return (abs(proc.create_time() - started_f) < 1.0
-                and proc.status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:
-        return None
+    return process_alive(pid_i, started_f)
 
 
 def close_stale_runs(tracking: TrackingConfig) -> list[str]:

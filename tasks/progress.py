@@ -20,15 +20,12 @@ _overall: Optional[tqdm] = None
 def say(message: str, prefect: bool = True) -> None:
     logging.getLogger(LOGGER).info(message)
     if prefect:
-        try:
-            from prefect import get_run_logger
-            from prefect.exceptions import MissingContextError
+        from prefect import get_run_logger
+        from prefect.exceptions import MissingContextError
 
-            try:
-                get_run_logger().info(message)
-            except MissingContextError:
-                pass
-        except ImportError:  # pragma: no cover - Prefect is a dependency
+        try:
+            get_run_logger().info(message)
+        except MissingContextError:  # outside a flow run: the console line is enough
             pass
 
 

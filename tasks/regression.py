@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -119,10 +120,7 @@ def aggregate_means(client: MlflowClient, parent: Run) -> dict[str, dict[str, fl
 # ---------------------------------------------------------------- the comparison
 
 def _stdev(xs: list[float]) -> float:
-    if len(xs) < 2:
-        return 0.0
-    mean = sum(xs) / len(xs)
-    return math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
 def detect(summary: Summary, past: dict[str, dict[str, dict[str, float]]],

@@ -62,10 +62,6 @@ def reveal(value: Any) -> Any:
     return _registry.get(value, value) if isinstance(value, str) else value
 
 
-def registered_secrets() -> list[str]:
-    return list(_registry.values())
-
-
 class RedactingFilter(logging.Filter):
     """Masks credentials in every record that passes a handler (our logs and Prefect's)."""
 
