@@ -114,3 +114,6 @@ def test_padding_fraction_over_steps_spans_epochs():
     batches = [{"attention_mask": torch.ones(1, 2)}] * 2 + [{"attention_mask": torch.zeros(1, 2)}]
     assert padding_fraction(batches, max_batches=2) == 0.0
     assert padding_fraction(batches) == 1 / 3
+    # Past the end of an epoch it goes on into the next: 3 batches of a 2-batch epoch.
+    epoch = [{"attention_mask": torch.ones(1, 2)}, {"attention_mask": torch.zeros(1, 2)}]
+    assert padding_fraction(epoch, max_batches=3) == 2 / 6
