@@ -173,13 +173,17 @@ def fail_mlflow_runs(flow, flow_run, state) -> None:
     """on_crashed/on_cancellation hook: a benchmark whose process was killed (OOM killer,
     `kill -9`, cancellation) must not leave its MLflow runs RUNNING: its parent run and, with
     `dispatch: local`, the child run of the method it was training. The worker runs it, with
-    keyword arguments, when the flow-run process is gone."""
+    keyword arguments, when the flow-run process is gone. The in-process child flow runs it
+    leaves PENDING/RUNNING are marked CRASHED in Prefect too."""
+    from flows.dispatch import crash_in_process_children
+
     p = flow_run.parameters
     cfg = revealed(resolve_config(p.get("config_path"), p.get("overrides"), p.get("config"),
                                   p.get("methods")))
     why = f"flow run {state.name}: {state.message}"
     for parent in tracking.fail_open_runs(cfg.tracking, str(flow_run.id), why):
         tracking.fail_open_children(cfg.tracking, parent, why)
+    crash_in_process_children(flow_run.id, why)
 
 
 @flow(name="benchmark", log_prints=True, on_crashed=[fail_mlflow_runs],

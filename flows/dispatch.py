@@ -85,6 +85,22 @@ def crash_if_stale(client, run: FlowRun, stale_after: Optional[float],
     return True
 
 
+def crash_in_process_children(parent_flow_run_id: UUID, why: str) -> list[str]:
+    """Mark CRASHED the child flow runs that ran inside a crashed parent's process (`dispatch:
+    local`) and are still PENDING/RUNNING: they send no heartbeats (flows/benchmark.py), so
+    neither the server's automation nor a waiting parent would ever end them. Their names."""
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_flow_run_id]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=list(ALIVE_STATES)))))
+        for run in runs:
+            client.set_flow_run_state(run.id, Crashed(message=f"its parent {why}"), force=True)
+    return [run.name for run in runs]
+
+
 def check_deployment(cfg: BenchConfig) -> None:
     """The finetune deployment must exist before the benchmark starts anything."""
     with get_client(sync_client=True) as client:

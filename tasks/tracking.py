@@ -108,17 +108,22 @@ def log_metrics(run_id: str, tracking: TrackingConfig, metrics: dict[str, float]
 
 class MetricBuffer:
     """Per-step metrics kept in memory and written in batches (MLflow takes 1000 a call), so
-    the training loop does not wait on the store every `log_every` steps. `flush` at the end,
-    and in a `finally`, so a failing run keeps what it logged."""
+    the training loop does not wait on the store every `log_every` steps. A batch goes out when
+    it is full or its oldest metric is `max_age_s` old, so the MLflow UI's curves (and whoever
+    waits for a run to be training) see a run live, seconds behind. `flush` at the end, and in
+    a `finally`, so a failing run keeps what it logged."""
 
-    def __init__(self, run_id: str, tracking: TrackingConfig, max_items: int = 1000):
-        self.run_id, self.tracking, self.max_items = run_id, tracking, max_items
+    def __init__(self, run_id: str, tracking: TrackingConfig, max_items: int = 1000,
+                 max_age_s: float = 5.0):
+        self.run_id, self.tracking = run_id, tracking
+        self.max_items, self.max_age_ms = max_items, max_age_s * 1000
         self.items: list[Metric] = []
 
     def add(self, metrics: dict[str, float], step: int) -> None:
         now = get_current_time_millis()
         self.items += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if len(self.items) >= self.max_items:
+        if (len(self.items) >= self.max_items
+                or now - self.items[0].timestamp >= self.max_age_ms):
             self.flush()
 
     def flush(self) -> None:

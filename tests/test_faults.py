@@ -18,7 +18,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from conftest import ROOT, make_bench_config
+from _procs import kill_all
+from conftest import ROOT, ceiling, make_bench_config
 from flows.benchmark import benchmark
 from flows.cli import app
 from tasks.report import child_runs
@@ -106,13 +107,15 @@ def test_killed_cli_is_closed_and_resumes_to_identical_results(prefect_harness, 
     env = _cli_env(tmp_path)
     proc = subprocess.Popen(_cli("run", str(tmp_path / "run.yaml")), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while not _lora_checkpointed(ckpt, uri) and time.monotonic() < deadline:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.2)
-    servers = [json.loads(p.read_text()) for p in (tmp_path / "cache/servers").glob("*.json")]
-    proc.kill()
-    proc.wait()
+    try:  # the event: LoRA's first checkpoint; the ceiling only catches a hang
+        deadline = time.monotonic() + ceiling(240)
+        while not _lora_checkpointed(ckpt, uri) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.2)
+        servers = [json.loads(p.read_text()) for p in (tmp_path / "cache/servers").glob("*.json")]
+    finally:
+        proc.kill()
+        proc.wait()
     assert _lora_checkpointed(ckpt, uri)
     # The temporary Prefect server died with the CLI (parent-death signal).
     assert len(servers) == 1 and _gone(servers[0]["pid"])
@@ -152,7 +155,10 @@ def test_two_first_runs_at_once_on_a_new_sqlite_store(tmp_path, tiny_model_dir, 
     procs = [subprocess.Popen(_cli("run", str(tmp_path / "c.yaml")), cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=ceiling(600))[0] for p in procs]
+    finally:  # a hung run must not outlive the test
+        kill_all(psutil.Process(p.pid) for p in procs if p.poll() is None)
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
     parents = [r for r in _runs(cfg["tracking"]["tracking_uri"], "ci")
                if r.data.tags["peft_bench.role"] == "parent"]

@@ -22,7 +22,7 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFi
 from scipy import stats as st
 from typer.testing import CliRunner
 
-from conftest import make_bench_config
+from conftest import ceiling, make_bench_config
 from flows.benchmark import RegressionError, benchmark
 from flows.cli import app
 from tasks.report import child_runs
@@ -180,7 +180,7 @@ def test_known_drop_is_flagged_everywhere_and_fails_the_flow(runs, tmp_path):
         arts = pc.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["peft-bench-regressions"])))
         assert any("lora: accuracy 0.9900" in (a.data or "") for a in arts)
-        deadline, events = time.monotonic() + 60, []
+        deadline, events = time.monotonic() + ceiling(60), []
         while not events and time.monotonic() < deadline:  # the server persists in batches
             events = pc.read_events(EventFilter(
                 occurred=EventOccurredFilter(since=since),

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from conftest import ceiling
 from flows import stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def live(tmp_path_factory):
     try:
         t = time.monotonic()
         state = stack.stack_up(d, prefect_port=0, mlflow_port=0, pool=POOL, workers=1,
-                               timeout=75, ui=False)
+                               timeout=ceiling(75), ui=False)
         state["up_s"] = round(time.monotonic() - t, 1)
         print(f"\nstack timings: {state['timings']} total {state['up_s']}s")
         for p in stack.procs(d):
@@ -101,7 +102,7 @@ def test_cli_status_up_again_down_twice(live):
     assert res.exit_code == 1 and "already runs" in res.output
     res = runner.invoke(stack.stack_app, ["down", "--dir", str(d), "--grace", "5"])
     assert res.exit_code == 0 and "stopped" in res.output
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + ceiling(10)
     while time.monotonic() < deadline and not all(gone(p) for p in pids):
         time.sleep(0.2)
     assert [p for p in pids if not gone(p)] == []
@@ -126,7 +127,7 @@ def test_stop_kills_the_whole_group(tmp_path):
             "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
             "time.sleep(60)")
     p = stack.spawn(tmp_path, "stubborn", [sys.executable, "-c", code], dict(os.environ))
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + ceiling(10)
     while len(p.members()) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     pids = [m.pid for m in p.members()]
