@@ -25,6 +25,7 @@ from tasks import checkpoint, names, progress, sweep, tracking
 from tasks.config import BenchConfig, MethodConfig, public_dump, revealed
 from tasks.lifecycle import owner_alive, owner_tag, reopen
 from tasks.reuse import copy_run, find_reusable, run_key
+from tasks.errors import describe
 from tasks.secrets import redact
 from tasks.data import PreparedData, prepare_dataset
 from tasks.evaluate import EvalResult, evaluate_task, plot_confusion
@@ -341,7 +342,7 @@ def finetune(config: dict, method_name: str, parent_run_id: str, seed: Optional[
                 out = run_method(cfg, method, data, run_id, device,
                                  resumed=existing is not None, split=plan.split)
         except Exception as e:
-            progress.say(f"✗ {what}: FAILED: {redact(str(e)).splitlines()[0][:300]}")
+            progress.say(f"✗ {what}: FAILED: {describe(e, one_line=True, limit=300)}")
             raise
     progress.say(f"✓ {what}: {plan.split_name} accuracy {out.get(names.EVAL_ACCURACY, 0):.4f}, "
                  f"train {out[names.TRAIN_TIME]:.1f} s, peak {out[names.PEAK_MEMORY]:,.0f} MB")
