@@ -12,7 +12,7 @@ from typing import Any
 _WHERE = {
     "AdapterSpec": "spec",
     "AdapterSummary": "inject", "adapter_layers": "inject", "count_params": "inject",
-    "find_targets": "inject", "inject_adapters": "inject", "merge_adapters": "inject",
+    "find_targets": "inject", "head_names": "inject", "inject_adapters": "inject", "merge_adapters": "inject",
     "merge_and_unload": "inject", "unmerge_adapters": "inject",
     "load_adapter": "io", "read_spec": "io", "save_adapter": "io",
     "DoRALinear": "lora", "LoRALinear": "lora",

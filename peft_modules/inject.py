@@ -13,7 +13,12 @@ from peft_modules import quant
 from peft_modules.lora import DoRALinear, LoRALinear, layer_kind
 from peft_modules.spec import DEFAULT_TARGETS, AdapterSpec
 
-HEAD_NAMES = ("score", "classifier")
+# The classification head and what sits between the backbone and it, by the names the
+# `...ForSequenceClassification` classes give them: `score` (GPT-2, Llama, Qwen2, Mistral, OPT),
+# `classifier` (BERT, DeBERTa-v2; RoBERTa's holds dense + out_proj), `pre_classifier`
+# (DistilBERT), `pooler` (BERT's pretrained one, DeBERTa-v2's fresh one). They train with the
+# head and stay in float under 4-bit.
+HEAD_NAMES = ("score", "classifier", "pre_classifier", "pooler")
 
 
 @dataclass
@@ -29,8 +34,12 @@ class AdapterSummary:
 
 
 def head_names(model: nn.Module) -> list[str]:
-    """Top-level-ish classification heads: `score` (GPT-2, Llama) or `classifier` (BERT…)."""
-    return [n for n, _ in model.named_modules() if n.split(".")[-1] in HEAD_NAMES]
+    """The head modules (HEAD_NAMES), outermost only: `classifier`, not also `classifier.dense`."""
+    found: list[str] = []
+    for n, _ in model.named_modules():
+        if n.split(".")[-1] in HEAD_NAMES and not _in_head(n, found):
+            found.append(n)
+    return found
 
 
 def _in_head(name: str, heads: list[str]) -> bool:
@@ -42,8 +51,11 @@ def _resolve_targets(model: nn.Module, spec: AdapterSpec):
         return spec.targets
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in DEFAULT_TARGETS:
-        raise ValueError(f"targets: no default for model type {model_type!r}; "
-                         f"set targets (suffixes, a regex, or 'all-linear')")
+        heads = head_names(model)
+        layers = sorted({n.split(".")[-1] for n, m in model.named_modules()
+                         if layer_kind(m) is not None and not _in_head(n, heads)})
+        raise ValueError(f"targets: no default for model type {model_type!r}; set targets "
+                         f"(suffixes, a regex, or 'all-linear'); candidate layers: {layers}")
     return DEFAULT_TARGETS[model_type]
 
 

@@ -21,6 +21,8 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "opt": ["q_proj", "v_proj"],
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
 }
 
 

@@ -11,19 +11,35 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
-from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForSequenceClassification, BitsAndBytesConfig
 
 import peft_modules as pm
 from peft_modules.quant import keep_layout
 from tasks.config import MethodConfig, ModelConfig
+from tasks.model_source import local_path
 from tasks.preflight import resolve_device  # noqa: F401  (re-exported for the flows)
 
 
-def quantization_config(method: MethodConfig) -> BitsAndBytesConfig:
+def quantization_config(method: MethodConfig, keep_float: list[str]) -> BitsAndBytesConfig:
+    """NF4/FP4 for every Linear but `keep_float`. QLoRA (Dettmers et al. 2023, §3) quantises
+    the frozen base only; the head is trained, and bitsandbytes cannot train a 4-bit layer."""
     q = method.quantization
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
                               bnb_4bit_use_double_quant=q.double_quant,
-                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
+                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+                              llm_int8_skip_modules=keep_float)
+
+
+def head_modules(model_cfg: ModelConfig) -> list[str]:
+    """The model's head modules (peft_modules.inject.HEAD_NAMES), found on a meta-device copy
+    built from its config: no weights. transformers keeps only the last parameter's module in
+    float by itself, which is `score` for GPT-2 but `classifier.bias` for BERT."""
+    config = AutoConfig.from_pretrained(local_path(model_cfg), revision=model_cfg.revision,
+                                        trust_remote_code=model_cfg.trust_remote_code)
+    with torch.device("meta"):
+        meta = AutoModelForSequenceClassification.from_config(
+            config, trust_remote_code=model_cfg.trust_remote_code)
+    return pm.head_names(meta)
 
 
 def load_model(model_cfg: ModelConfig, method: MethodConfig, num_labels: int,
@@ -34,9 +50,9 @@ def load_model(model_cfg: ModelConfig, method: MethodConfig, num_labels: int,
                   trust_remote_code=model_cfg.trust_remote_code,
                   dtype=getattr(torch, model_cfg.dtype))
     if method.quantized:
-        kwargs.update(quantization_config=quantization_config(method),
+        kwargs.update(quantization_config=quantization_config(method, head_modules(model_cfg)),
                       device_map={"": str(device) if device.type == "cpu" else device.index or 0})
-    model = AutoModelForSequenceClassification.from_pretrained(model_cfg.name_or_path, **kwargs)
+    model = AutoModelForSequenceClassification.from_pretrained(local_path(model_cfg), **kwargs)
     model.config.pad_token_id = pad_token_id
     if not method.quantized:
         model.to(device)

@@ -10,16 +10,19 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import peft_modules as pm
-from _models import batch, load_4bit, tiny_gpt2, tiny_llama
+from _models import batch, load_4bit, tiny_bert, tiny_gpt2, tiny_llama
+from peft_modules.inject import HEAD_NAMES
 
 TOL = 1e-5
 
 
 def peft_name(ours: str) -> str:
     """Our parameter name -> the name of the same tensor inside a peft model."""
-    if ours.startswith(("score.", "classifier.")):
-        head, _, leaf = ours.partition(".")
-        return f"base_model.model.{head}.modules_to_save.default.{leaf}"
+    parts = ours.split(".")
+    for i, part in enumerate(parts[:-1]):  # a head module (BERT's pooler sits inside `bert.`)
+        if part in HEAD_NAMES:
+            head, leaf = ".".join(parts[:i + 1]), ".".join(parts[i + 1:])
+            return f"base_model.model.{head}.modules_to_save.default.{leaf}"
     if ".lora_" in ours:
         layer, _, leaf = ours.rpartition(".lora_")
         return f"base_model.model.{layer}.lora_{leaf[0].upper()}.default.weight"
@@ -30,12 +33,14 @@ def peft_name(ours: str) -> str:
 def make_pair(base, spec: pm.AdapterSpec, targets, base2=None):
     """(ours, peft's) on copies of one base, with peft given our (randomised) adapter weights."""
     ours, theirs = base, base2 if base2 is not None else copy.deepcopy(base)
+    heads = [h.split(".")[-1] for h in pm.head_names(ours)]  # BERT: pooler and classifier
     pm.inject_adapters(ours, spec)
     # The builders randomise biases: a zero bias would hide an adapter that rescales or drops it.
     assert all(layer.bias is not None and layer.bias.abs().min() > 0
                for layer in pm.adapter_layers(ours).values())
     cfg = LoraConfig(task_type="SEQ_CLS", r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0,
-                     target_modules=targets, use_dora=spec.use_dora, use_rslora=spec.rslora)
+                     target_modules=targets, use_dora=spec.use_dora, use_rslora=spec.rslora,
+                     modules_to_save=heads)
     theirs = get_peft_model(theirs, cfg)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -97,6 +102,16 @@ def test_gpt2_conv1d_parity(method, rslora):
 def test_llama_linear_parity(method):
     spec = pm.AdapterSpec(method=method, rank=4, alpha=16, targets=["q_proj", "v_proj"])
     check_parity(*make_pair(tiny_llama(), spec, ["q_proj", "v_proj"]))
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_bert_encoder_linear_parity(method):
+    """BERT's nn.Linear query/value, its pooler trained with the classifier (peft:
+    modules_to_save), random biases everywhere."""
+    spec = pm.AdapterSpec(method=method, rank=4, alpha=8, targets=["query", "value"])
+    ours, theirs = make_pair(tiny_bert(), spec, ["query", "value"])
+    assert pm.head_names(ours) == ["bert.pooler", "classifier"]
+    check_parity(ours, theirs)
 
 
 def test_gpt2_all_linear_parity():
