@@ -9,12 +9,14 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from tasks.model_source import local_path
+
 
 def load_tokenizer(name_or_path: str, revision: Optional[str] = None):
     """AutoTokenizer with a pad token: eos when the tokenizer has none (GPT-2)."""
     from transformers import AutoTokenizer  # imported here: heavy, and not needed to validate
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(local_path(name_or_path), revision=revision)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer {name_or_path!r} has neither a pad nor an eos token; "
@@ -30,16 +32,24 @@ class SplitData:
 
     input_ids: list[list[int]] = field(repr=False)
     labels: list[int] = field(repr=False)
+    # Segment ids of a sentence pair (BERT-style tokenizers), aligned with input_ids; else None.
+    token_type_ids: Optional[list[list[int]]] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
             raise ValueError(f"{len(self.input_ids)} sequences but {len(self.labels)} labels")
+        if self.token_type_ids is not None and (
+                [len(t) for t in self.token_type_ids] != [len(s) for s in self.input_ids]):
+            raise ValueError("token_type_ids do not align with input_ids")
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+        item = {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+        if self.token_type_ids is not None:
+            item["token_type_ids"] = self.token_type_ids[i]
+        return item
 
     def __repr__(self) -> str:
         return f"SplitData(rows={len(self)})"
@@ -69,7 +79,13 @@ class Collator:
             input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
         labels = torch.as_tensor([int(item["labels"]) for item in batch], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if "token_type_ids" in batch[0]:  # a pair: segment ids, padding in segment 0
+            types = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, item in enumerate(batch):
+                types[row, : len(item["token_type_ids"])] = torch.as_tensor(item["token_type_ids"])
+            out["token_type_ids"] = types
+        return out
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
@@ -33,7 +33,11 @@ class ModelConfig(_Strict):
 
 class DataConfig(_Strict):
     source: str = Field("stanfordnlp/sst2", description="hub dataset id, or a local folder/file")
-    text_column: str = "sentence"
+    hub_config: Optional[str] = Field(
+        None, description="the hub dataset's configuration, e.g. 'mrpc' of nyu-mll/glue")
+    text_column: Union[str, list[str]] = Field(
+        "sentence", description="the text column, or two (a sentence pair: MRPC, QNLI, RTE, "
+                                "MNLI), tokenised as the tokenizer's pair encoding")
     label_column: str = "label"
     train_split: str = "train"
     eval_split: str = "validation"
@@ -53,6 +57,17 @@ class DataConfig(_Strict):
         None, gt=0, lt=0.5, description="carve a test split of this share from train (seeded, "
                                         "disjoint from the training rows)")
     test_size: Optional[int] = Field(None, gt=0)
+
+    @field_validator("text_column")
+    @classmethod
+    def _one_or_two_columns(cls, v):
+        if isinstance(v, list) and not (1 <= len(v) <= 2 and all(v) and len(set(v)) == len(v)):
+            raise ValueError(f"give one column or two distinct ones (a pair), got {v}")
+        return v
+
+    @property
+    def text_columns(self) -> list[str]:
+        return [self.text_column] if isinstance(self.text_column, str) else list(self.text_column)
 
     @model_validator(mode="after")
     def _one_test_source(self):

@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.collate import Collator, SplitData, load_tokenizer, make_loader  # noqa: F401
 from tasks.config import DataConfig, cache_root, looks_local
+from tasks.model_source import local_path
 from tasks.dataset import (EXTENSIONS, DataError, DataSummary, _load, load_splits,  # noqa: F401
                            validate_data)
 
@@ -49,7 +50,11 @@ class PreparedData:
         return self.test if role == "test" else self.eval
 
     def texts(self, role: str) -> list[str]:
-        return self.frames[role]["text"].tolist()
+        """The rows' text as a person reads it; a pair as `first ||| second`."""
+        frame = self.frames[role]
+        if "text_pair" not in frame:
+            return frame["text"].tolist()
+        return [f"{a} ||| {b}" for a, b in zip(frame["text"], frame["text_pair"])]
 
     @property
     def eval_texts(self) -> list[str]:
@@ -68,8 +73,13 @@ class PreparedData:
 
 def _encode(tokenizer, frame: pd.DataFrame, where: str, max_length: int) -> tuple[SplitData, int]:
     # split_special_tokens: "<|endoftext|>" typed in the data is text, not a control token.
-    encoded = tokenizer(frame["text"].tolist(), truncation=True, max_length=max_length,
-                        split_special_tokens=True)["input_ids"]
+    # A pair goes through the tokenizer's own pair encoding ([CLS] a [SEP] b [SEP] and segment
+    # ids for BERT), truncating the longer text first.
+    pair = frame["text_pair"].tolist() if "text_pair" in frame else None
+    out = tokenizer(frame["text"].tolist(), pair, truncation=True, max_length=max_length,
+                    split_special_tokens=True)
+    encoded = out["input_ids"]
+    segments = out.get("token_type_ids") if pair is not None else None
     pad, sequences = tokenizer.pad_token_id, []
     for pos, ids in zip(frame.index, encoded):
         # HF's sequence-classification heads pool the rightmost token != pad_token_id. With
@@ -85,7 +95,9 @@ def _encode(tokenizer, frame: pd.DataFrame, where: str, max_length: int) -> tupl
                             f"text has no tokens besides padding")
         sequences.append(list(ids[:end]))
     at_max = sum(len(ids) >= max_length for ids in encoded)
-    return SplitData(sequences, frame["label"].astype(int).tolist()), at_max
+    types = ([list(t[:len(s)]) for t, s in zip(segments, sequences)]
+             if segments is not None else None)
+    return SplitData(sequences, frame["label"].astype(int).tolist(), types), at_max
 
 
 def tokenize_splits(cfg: DataConfig, tokenizer_name_or_path: str,
@@ -106,7 +118,7 @@ def tokenize_splits(cfg: DataConfig, tokenizer_name_or_path: str,
 
 # ---------------------------------------------------------------- the cache
 
-CACHE_FORMAT = "3"  # bump when the cached layout changes
+CACHE_FORMAT = "4"  # bump when the cached layout changes (4: sentence pairs)
 CODE = [Path(__file__).parent / f for f in ("dataset.py", "data.py", "collate.py")]
 _TOKENIZER_FILES = (".json", ".txt", ".model", ".tiktoken")  # not weights: they can be GBs
 _sha_memo: dict[tuple[str, int, int], str] = {}
@@ -130,7 +142,7 @@ def _local_files(cfg: DataConfig, tokenizer: str) -> list[Path]:
     if looks_local(cfg.source) and source.is_dir():
         for split in dict.fromkeys(x for x in (cfg.train_split, cfg.eval_split, cfg.test_split) if x):
             files += [p for p in (source / f"{split}{e}" for e in EXTENSIONS) if p.is_file()][:1]
-    tok = Path(tokenizer).expanduser()
+    tok = Path(local_path(tokenizer)).expanduser()
     if looks_local(tokenizer) and tok.is_dir():
         files += sorted(p for p in tok.iterdir() if p.is_file() and p.suffix in _TOKENIZER_FILES)
     return files
@@ -169,9 +181,13 @@ def _save(data: PreparedData, folder: Path) -> None:
             if split is None:
                 continue
             frame = data.frames[role]
-            pd.DataFrame({"position": frame.index, "text": frame["text"],
-                          "label": frame["label"].astype(int),
-                          "input_ids": split.input_ids}).to_parquet(tmp / f"{role}.parquet")
+            columns = {"position": frame.index, "text": frame["text"],
+                       "label": frame["label"].astype(int), "input_ids": split.input_ids}
+            if "text_pair" in frame:
+                columns["text_pair"] = frame["text_pair"]
+            if split.token_type_ids is not None:
+                columns["token_type_ids"] = split.token_type_ids
+            pd.DataFrame(columns).to_parquet(tmp / f"{role}.parquet")
         meta = {k: v for k, v in asdict(data).items()
                 if k not in ("train", "eval", "test", "frames")}
         meta["units"] = {role: f.index.name for role, f in data.frames.items()}
@@ -197,9 +213,12 @@ def _read(folder: Path) -> PreparedData:
         if not (folder / f"{role}.parquet").is_file():
             continue
         t = pd.read_parquet(folder / f"{role}.parquet")
+        types = ([list(map(int, ids)) for ids in t["token_type_ids"]]
+                 if "token_type_ids" in t else None)
         splits[role] = SplitData([list(map(int, ids)) for ids in t["input_ids"]],
-                                 t["label"].astype(int).tolist())
-        frames[role] = pd.DataFrame({"text": t["text"].tolist(), "label": t["label"].tolist()},
+                                 t["label"].astype(int).tolist(), types)
+        texts = {c: t[c].tolist() for c in ("text", "text_pair") if c in t}
+        frames[role] = pd.DataFrame({**texts, "label": t["label"].tolist()},
                                     index=pd.Index(t["position"].tolist(), name=units[role]))
     s = meta.pop("summary")
     s["label_counts"] = {r: {int(k): v for k, v in c.items()} for r, c in s["label_counts"].items()}

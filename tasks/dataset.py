@@ -158,7 +158,7 @@ def _read_hub(cfg: DataConfig) -> dict[str, _Table]:
     import datasets  # imported here: slow to import and not needed for local data
 
     try:
-        dsd = datasets.load_dataset(cfg.source)
+        dsd = datasets.load_dataset(cfg.source, name=cfg.hub_config)
     except datasets.exceptions.DatasetNotFoundError as e:
         raise DataError(f"hub dataset {cfg.source!r}: {e}") from None
     # Network errors propagate as they are, so the Prefect task's retries can handle them.
@@ -192,6 +192,10 @@ def _label_int(value: Any) -> Optional[int]:
     return int(as_float) if as_float.is_integer() else None
 
 
+# The frame columns a split's text comes back in: one text, or a pair (tokenised together).
+TEXT_OUT = ("text", "text_pair")
+
+
 def _text_value(value: Any, where: str) -> str:
     if isinstance(value, bytes):  # Parquet binary columns, or strings pyarrow did not decode
         try:
@@ -210,22 +214,24 @@ def _text_value(value: Any, where: str) -> str:
 def _clean(table: _Table, cfg: DataConfig, split: str) -> pd.DataFrame:
     """Check one split and return it as `text`/`label` columns indexed by file position."""
     present = list(table.frame.columns)
-    for column in (cfg.text_column, cfg.label_column):
+    for column in (*cfg.text_columns, cfg.label_column):
         if column not in present:
             raise DataError(f"{table.where}: no column {column!r} (columns present: {present})")
     if len(table.frame) == 0:
         raise DataError(f"{table.where}: split {split!r} has no rows")
-    texts, labels = [], []
-    columns = zip(table.positions, table.frame[cfg.text_column].tolist(),
-                  table.frame[cfg.label_column].tolist())
-    for pos, text, label in columns:
+    texts: dict[str, list[str]] = {out: [] for out in TEXT_OUT[:len(cfg.text_columns)]}
+    labels = []
+    rows = zip(table.positions, table.frame[cfg.label_column].tolist(),
+               *(table.frame[c].tolist() for c in cfg.text_columns))
+    for pos, label, *values in rows:
         at = f"{table.where}: {table.unit} {pos}"
-        texts.append(_text_value(text, f"{at}: column {cfg.text_column!r}"))
+        for out, column, value in zip(texts, cfg.text_columns, values):
+            texts[out].append(_text_value(value, f"{at}: column {column!r}"))
         labels.append(_label_int(label))
         if labels[-1] is None:
             raise DataError(f"{at}: column {cfg.label_column!r}: label {label!r} is not an integer")
     index = pd.Index(table.positions, name=table.unit)
-    return pd.DataFrame({"text": texts, "label": labels}, index=index)
+    return pd.DataFrame({**texts, "label": labels}, index=index)
 
 
 def _check_range(frame: pd.DataFrame, where: str, column: str, num_labels: int, why: str) -> None:
@@ -253,8 +259,10 @@ def _digest(frames: dict[str, pd.DataFrame]) -> str:
     h = hashlib.sha256()
     for role, frame in frames.items():
         h.update(f"[{role}]\n".encode())
-        for text, label in zip(frame["text"], frame["label"]):
-            h.update(f"{label}\t{text}\n".encode("utf-8"))
+        pairs = frame["text_pair"] if "text_pair" in frame else [None] * len(frame)
+        for text, pair, label in zip(frame["text"], pairs, frame["label"]):
+            line = f"{label}\t{text}" + ("" if pair is None else f"\t{pair}")
+            h.update(f"{line}\n".encode("utf-8"))
     return h.hexdigest()
 
 

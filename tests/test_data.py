@@ -143,7 +143,8 @@ def test_hub_source_uses_load_dataset(monkeypatch):
                                              "label": [1, 0]}),
         "validation": datasets.Dataset.from_dict({"idx": [0], "sentence": [""], "label": [1]}),
     })
-    monkeypatch.setattr(datasets, "load_dataset", lambda source: dsd)
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda source, name=None: asked.append(name) or dsd)
     with pytest.raises(DataError) as err:
         load_splits(DataConfig(source="someorg/no-such-local-folder"))
     assert "hub:someorg/no-such-local-folder[validation]: row index 0: column 'sentence' is empty" \
@@ -151,6 +152,8 @@ def test_hub_source_uses_load_dataset(monkeypatch):
     dsd["validation"] = datasets.Dataset.from_dict({"sentence": ["fine"], "label": [1]})
     frames = load_splits(DataConfig(source="someorg/no-such-local-folder"))
     assert frames["train"]["text"].tolist() == ["good", "bad"]
+    load_splits(DataConfig(source="someorg/no-such-local-folder", hub_config="mrpc"))
+    assert asked[-2:] == [None, "mrpc"]  # the dataset's configuration reaches the hub
     with pytest.raises(DataError, match=r"has no split 'test' \(splits: \['train', 'validation'\]\)"):
         load_splits(DataConfig(source="someorg/no-such-local-folder", eval_split="test"))
 
