@@ -1,6 +1,6 @@
 """Pipeline overhead: the benchmark flow's wall time minus the methods' own train + eval time.
 
-    python benchmarks/pipeline_overhead.py [--config configs/quickstart.yaml] [--rounds 3]
+    python benchmarks/pipeline_overhead.py [--config configs/quickstart-tiny.yaml] [--rounds 3]
 
 A Prefect server is started first (as in production; its ~20 s start-up is not the flow's
 cost) and the flow runs in a child process against it. What remains after subtracting every
@@ -121,7 +121,7 @@ def summarize(report: list[tuple[dict, dict]], load: LoadReading | None) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/quickstart.yaml")
+    ap.add_argument("--config", default="configs/quickstart-tiny.yaml")
     ap.add_argument("--rounds", type=int, default=3, help="warm runs after the cold one")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()

@@ -25,6 +25,7 @@ from tasks.config import (BenchConfig, ConfigError, build_config, fingerprint, l
 from tasks.data import DataSummary, prepare_dataset
 from tasks.lifecycle import close_stale_runs, reopen
 from tasks.model import resolve_device
+from tasks.model_source import local_path
 from tasks.preflight import check_heavy, check_light
 from tasks.report import generate_report_task
 from tasks.secrets import redact
@@ -71,7 +72,7 @@ def ensure_gpu_limit(cfg: BenchConfig) -> None:
 
 
 def random_init(cfg: BenchConfig) -> bool:
-    mc = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+    mc = AutoConfig.from_pretrained(local_path(cfg.model), revision=cfg.model.revision,
                                     trust_remote_code=cfg.model.trust_remote_code)
     return bool(getattr(mc, "peft_bench_random_init", False))
 

@@ -102,6 +102,7 @@ SEED_INDEX = "peft_bench.seed_index"     # position of the seed in training.seed
 REFERENCE = "peft_bench.reference"
 ERROR = "peft_bench.error"
 RANDOM_INIT = "peft_bench.random_init"
+MODEL_SHA256 = "peft_bench.model_sha256"  # a packaged model's pinned weights digest
 GIT_SHA = "peft_bench.git_sha"
 DEVICE = "peft_bench.device"
 DATA_DIGEST = "peft_bench.data_digest"

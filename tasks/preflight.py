@@ -16,6 +16,7 @@ from typing import Optional
 from tasks.config import (BenchConfig, ConfigError, ModelConfig, TrackingConfig, TrainingConfig,
                           looks_local)
 from tasks.dataset import DataSummary, validate_data
+from tasks.model_source import local_path
 from tasks.secrets import has_secret, redact
 
 # Any of these is a tokenizer vocabulary; tokenizer_config.json alone is not.
@@ -39,7 +40,7 @@ def check_model_files(model: ModelConfig) -> None:
     build an empty tokenizer silently, and the error would surface as a data problem."""
     if not looks_local(model.name_or_path):
         return
-    path = Path(model.name_or_path).expanduser()
+    path = Path(local_path(model)).expanduser()  # package:NAME: found and its digest checked
     where = redact(str(path))
     if not path.is_dir():
         raise ConfigError(f"model.name_or_path: directory not found: {where}")
@@ -84,7 +85,7 @@ def check_targets(cfg: BenchConfig) -> Optional[str]:
 
     mc = cfg.model
     try:
-        config = AutoConfig.from_pretrained(mc.name_or_path, revision=mc.revision,
+        config = AutoConfig.from_pretrained(local_path(mc), revision=mc.revision,
                                             trust_remote_code=mc.trust_remote_code)
     except OSError as e:  # a hub model while offline: its load reports the real error later
         return f"targets not checked: model config unavailable ({redact(str(e))[:200]})"

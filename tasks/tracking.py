@@ -22,6 +22,8 @@ from mlflow.utils.time import get_current_time_millis
 
 from tasks import names
 from tasks.config import BenchConfig, TrackingConfig, public_dump
+from tasks.errors import describe
+from tasks.model_source import pinned_digest
 from tasks.secrets import redact
 
 # MLflow writes "View run ... at: <tracking URI>/#/..." to stdout when a run against a server
@@ -151,6 +153,8 @@ def create_run(cfg: BenchConfig, tags: dict[str, str], run_name: str,
 
     c = client(cfg.tracking)
     tags = {**tags, names.OWNER: owner_tag()}
+    if digest := pinned_digest(cfg.model):  # the weights' SHA-256, checked before loading
+        tags[names.MODEL_SHA256] = digest
     run = c.create_run(experiment_id(cfg.tracking), run_name=run_name,
                        tags={k: redact(str(v)) for k, v in tags.items()})
     log_params(run.info.run_id, cfg.tracking, params)
@@ -166,7 +170,7 @@ def fail_run(tracking: TrackingConfig, run_id: str, why: str) -> None:
 
 def end_run(tracking: TrackingConfig, run_id: str, error: Optional[BaseException] = None) -> None:
     if error is not None:
-        fail_run(tracking, run_id, f"{type(error).__name__}: {error}")
+        fail_run(tracking, run_id, describe(error))
     else:
         client(tracking).set_terminated(run_id, "FINISHED")
 

@@ -19,7 +19,9 @@ from tasks.memory import PeakMemory
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "sst2-gpt2.yaml", "sst2-gpt2-large-seed.yaml"])
+@pytest.mark.parametrize("name", ["quickstart.yaml", "quickstart-tiny.yaml", "sst2-gpt2.yaml",
+                                  "sst2-gpt2-large-seed.yaml", "sst2-minilm.yaml",
+                                  "glue-mrpc-gpt2.yaml"])
 def test_shipped_configs_validate(name):
     cfg = load_config(ROOT / "configs" / name, mlflow_yaml=ROOT / "mlflow.yaml")
     assert [m.method for m in cfg.methods] == ["full", "lora", "dora", "qlora"]
