@@ -142,12 +142,23 @@ def test_aggregate_runs_hold_the_mean_and_interval_of_the_children(runs):
     assert "acc_diff_vs_ref_mean" not in aggs["full"].data.metrics
 
 
-def test_quiet_run_has_no_timing_warning(runs):
+def test_the_timing_flag_follows_the_measured_share(runs):
+    """The flag, the warning and the report agree with the share other processes took. On a
+    quiet machine nothing is flagged; beside another job (CI under load) the runs it disturbed
+    are. Asserting "not flagged" would assert the machine is quiet, which no test controls:
+    the burner test below plants the load and checks that it is caught."""
     cfg, first, _, _ = runs
+    threshold = 0.2  # training.contamination_threshold's documented default
+    flagged = []
     for k in _children(cfg, first):
-        assert k.data.tags["peft_bench.timing_contaminated"] == "false", k.data.metrics
-        assert 0 <= k.data.metrics["other_cpu_share"] < 0.2
-    assert "Timing contaminated" not in open(first["report_md"]).read()
+        share = k.data.metrics["other_cpu_share"]
+        contaminated = k.data.tags["peft_bench.timing_contaminated"] == "true"
+        assert 0 <= share <= 1
+        if abs(share - threshold) > 1e-3:  # the logged share is rounded
+            assert contaminated == (share > threshold), (share, k.data.tags)
+        assert ("peft_bench.timing_warning" in k.data.tags) == contaminated, k.data.tags
+        flagged.append(contaminated)
+    assert ("Timing contaminated" in open(first["report_md"]).read()) == any(flagged)
 
 
 def test_identical_rerun_is_not_a_regression(runs):
