@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.collate import Collator, SplitData, load_tokenizer, make_loader  # noqa: F401
 from tasks.config import DataConfig, cache_root, looks_local
-from tasks.model_source import local_path
+from tasks.model_source import local_path, sha256_of
 from tasks.dataset import (EXTENSIONS, DataError, DataSummary, _load, load_splits,  # noqa: F401
                            validate_data)
 
@@ -128,11 +128,7 @@ def _file_sha256(path: Path) -> str:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _sha_memo:  # hash each file version once per process
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _sha_memo[key] = h.hexdigest()
+        _sha_memo[key] = sha256_of(path)
     return _sha_memo[key]
 
 
