@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import hashlib
 import io
 import json
 import math
 import numbers
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -77,9 +79,32 @@ def _decode(path: Path) -> str:
                         f"({e.reason} at byte {e.start})") from None
 
 
+@functools.lru_cache(maxsize=None)
+def _largest_field_limit() -> int:
+    # sys.maxsize overflows the C long the csv module stores the limit in where long is 32-bit
+    # (Windows); halve until it fits, which lands on the platform's LONG_MAX.
+    limit = sys.maxsize
+    while True:
+        try:
+            csv.field_size_limit(limit)
+            return limit
+        except OverflowError:
+            limit //= 2
+
+
+def _unlimit_fields() -> None:
+    # Python's csv refuses a field over 131,072 characters; a long document is normal input
+    # (max_length truncates it at tokenisation). The limit is process-global: it is only ever
+    # raised here, never restored, because a reader in another thread could be mid-file.
+    limit = _largest_field_limit()
+    if csv.field_size_limit() < limit:  # lowered again by someone else since
+        csv.field_size_limit(limit)
+
+
 def _read_delimited(path: Path, delimiter: str) -> _Table:
     # TSV is read with quoting off: GLUE text holds bare quote characters, and a quoting reader
     # would merge lines. CSV keeps standard quoting (commas in text need it).
+    _unlimit_fields()
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     text = io.StringIO(_decode(path), newline="")
     reader = csv.reader(text, delimiter=delimiter, quoting=quoting)

@@ -391,3 +391,69 @@ def test_prepare_dataset_retries_only_non_data_errors(prefect_harness, tmp_path,
 
     assert run() == "Failed" and len(calls) == 1  # a DataError is not retried
     assert run() == "Failed" and len(calls) == 4  # other errors: 1 try + 2 retries
+
+
+# ---------------------------------------------------------------- long fields
+
+
+def _long_text(chars: int) -> str:
+    # Words, commas, a doubled quote and a line break: a CSV writer must quote it, and a
+    # reader must keep it one field.
+    unit = 'a long, "winding" review\nof a film '
+    return (unit * (chars // len(unit) + 1))[:chars].rstrip() + " end"
+
+
+@pytest.fixture
+def default_field_limit():
+    """Python's default, as a fresh process has it: the limit is process-global, and an
+    earlier reader may have raised it already."""
+    import csv
+
+    csv.field_size_limit(131072)
+
+
+@pytest.mark.parametrize("ext", ["tsv", "csv", "jsonl", "parquet"])
+@pytest.mark.parametrize("chars", [200_000, 5_000_000])
+def test_a_field_of_any_length_is_read_whole(tmp_path, ext, chars, default_field_limit):
+    """Python's csv refuses fields over 131,072 characters by default; a long document is
+    normal input, and only tokenisation truncates it (to max_length)."""
+    text = _long_text(chars)
+    if ext == "tsv":  # TSV has no quoting: no tabs or line breaks inside a field
+        text = text.replace("\n", " ")
+    rows = [("short", 0), (text, 1), ("fine", 1)]
+    folder = folder_with(tmp_path, ext, train=rows)
+    if ext == "csv":
+        assert '""winding"" review\nof' in (folder / "train.csv").read_text()  # quoted
+    summary = validate_data(cfg_for(folder))
+    assert summary.train_rows == 3
+    assert load_splits(cfg_for(folder))["train"]["text"].tolist()[1] == text
+
+
+def test_a_long_field_is_truncated_at_tokenisation(tmp_path, tiny_dir, default_field_limit):
+    text = _long_text(200_000)
+    folder = folder_with(tmp_path, "csv", train=[("short", 0), (text, 1), ("fine", 1)])
+    prepared = tokenize_splits(cfg_for(folder, max_length=24), str(tiny_dir))
+    assert [len(ids) for ids in prepared.train.input_ids][1] == 24
+    assert prepared.at_max_length["train"] == 1
+    assert prepared.frames["train"]["text"].iloc[1] == text  # the text itself is kept whole
+
+
+def test_the_field_limit_is_the_largest_the_platform_takes(monkeypatch):
+    """sys.maxsize overflows a 32-bit C long (Windows): the probe halves until it fits."""
+    import csv
+
+    import tasks.dataset as dataset
+
+    real = csv.field_size_limit
+    def long32(*limit):
+        if limit and limit[0] > 2**31 - 1:
+            raise OverflowError("Python int too large to convert to C long")
+        return real(*limit)
+    monkeypatch.setattr(csv, "field_size_limit", long32)
+    dataset._largest_field_limit.cache_clear()
+    try:
+        assert dataset._largest_field_limit() == 2**31 - 1 == real()
+    finally:
+        dataset._largest_field_limit.cache_clear()
+        monkeypatch.undo()
+        dataset._unlimit_fields()
