@@ -46,9 +46,11 @@ def load_model(model_cfg: ModelConfig, method: MethodConfig, num_labels: int,
                pad_token_id: int, device: torch.device) -> nn.Module:
     """AutoModelForSequenceClassification from a hub id or a local directory; 4-bit for
     qlora/qdora. The pad token is set so the pooled token is the last real one."""
+    # use_safetensors: never unpickle weights (a pickle can run code); preflight refuses a
+    # pickle-only folder by name, and transformers raises for a hub model without safetensors.
     kwargs = dict(num_labels=num_labels, revision=model_cfg.revision,
                   trust_remote_code=model_cfg.trust_remote_code,
-                  dtype=getattr(torch, model_cfg.dtype))
+                  dtype=getattr(torch, model_cfg.dtype), use_safetensors=True)
     if method.quantized:
         kwargs.update(quantization_config=quantization_config(method, head_modules(model_cfg)),
                       device_map={"": str(device) if device.type == "cpu" else device.index or 0})

@@ -15,6 +15,7 @@ from typing import Optional
 
 from tasks.config import (BenchConfig, ConfigError, ModelConfig, TrackingConfig, TrainingConfig,
                           looks_local)
+from tasks import model_files
 from tasks.dataset import DataSummary, validate_data
 from tasks.model_source import local_path
 from tasks.secrets import has_secret, redact
@@ -47,6 +48,7 @@ def check_model_files(model: ModelConfig) -> None:
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.name_or_path: {where} has no config.json "
                           "(not a Hugging Face model directory)")
+    model_files.check_folder(path)  # config.json parses; safetensors weights, headers intact
     if not any((path / f).is_file() for f in TOKENIZER_FILES) and not list(path.glob("*.tiktoken")):
         raise ConfigError(f"model.name_or_path: {where} has no tokenizer files (one of "
                           f"{', '.join(TOKENIZER_FILES)}); save them next to the model with "
@@ -77,21 +79,20 @@ def check_light(cfg: BenchConfig) -> DataSummary:
 
 def check_targets(cfg: BenchConfig) -> Optional[str]:
     """Every method's targets match layers of the model, checked on a meta-device instance
-    built from its config (no weights). Returns why it was skipped, if it was."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
+    built from its config (no weights); for a local folder, the config's field types and the
+    weights' shapes too (model_files). Returns why it was skipped, if it was."""
     from peft_modules.inject import find_targets
 
     mc = cfg.model
+    local = looks_local(mc.name_or_path)
+    source = local_path(mc)
     try:
-        config = AutoConfig.from_pretrained(local_path(mc), revision=mc.revision,
-                                            trust_remote_code=mc.trust_remote_code)
+        config = model_files.load_config(mc, source, local)
     except OSError as e:  # a hub model while offline: its load reports the real error later
         return f"targets not checked: model config unavailable ({redact(str(e))[:200]})"
-    with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(
-            config, trust_remote_code=mc.trust_remote_code)
+    model = model_files.meta_model(config, mc, source)
+    if local:
+        model_files.check_shapes(Path(source).expanduser(), config, model)
     for i, m in enumerate(cfg.methods):
         if m.method == "full":
             continue
