@@ -28,7 +28,8 @@ from tasks.reuse import copy_run, find_reusable, run_key
 from tasks.errors import describe
 from tasks.secrets import redact
 from tasks.data import PreparedData, prepare_dataset
-from tasks.evaluate import EvalResult, evaluate_task, plot_confusion
+from tasks.evaluate import EvalResult, evaluate_task, plot_confusion, with_label_names
+from tasks.labels import names_tag
 from tasks.memory import PeakMemory
 from tasks.model import inject_adapter_task, load_model_task, resolve_device, saved_size_mb
 from tasks.train import CheckpointPlan, NonFiniteError, TrainResult, train_task
@@ -117,7 +118,8 @@ def train_and_measure(cfg: BenchConfig, method: MethodConfig, data: PreparedData
                       device: torch.device, split: str = "eval"):
     """Load, inject and train inside one peak-memory window (the method's own memory)."""
     with PeakMemory(device) as mem:
-        model = load_model_task(cfg.model, method, data.num_labels, data.pad_token_id, str(device))
+        model = load_model_task(cfg.model, method, data.num_labels, data.pad_token_id, str(device),
+                                data.label_names)
         with mem.excluded():  # writing a checkpoint to measure it is not the method's memory
             model_size_mb = saved_size_mb(model)
         summary = inject_adapter_task(model, method)
@@ -143,24 +145,32 @@ def checkpoint_plan(cfg: BenchConfig, run_id: str) -> Optional[CheckpointPlan]:
     return CheckpointPlan(Path(cfg.training.checkpoint_dir) / run_id, every) if every else None
 
 
-def save_weights(cfg: BenchConfig, method: MethodConfig, model, folder: Path) -> Path:
+def save_weights(cfg: BenchConfig, method: MethodConfig, model, folder: Path,
+                 label_names: Optional[list[str]] = None) -> Path:
     """The trained weights as others load them: an adapter in Hugging Face peft's layout
     (adapter_model.safetensors + adapter_config.json, the head as modules_to_save), which
     `peft.PeftModel.from_pretrained` and peft-serving stacks read; for full fine-tuning every
-    trained tensor (our layout). Returns the weights file (its size is the adapter size)."""
+    trained tensor (our layout). Returns the weights file (its size is the adapter size).
+    With class names, the model's config.json beside them: its id2label says what each
+    output is (an adapter alone cannot say it)."""
     if method.method == "full":
-        return pm.save_adapter(model, method.adapter_spec(), folder)
-    return pm.save_peft_adapter(model, method.adapter_spec(), folder,
-                                base_model_name_or_path=redact(cfg.model.name_or_path))
+        weights = pm.save_adapter(model, method.adapter_spec(), folder)
+    else:
+        weights = pm.save_peft_adapter(model, method.adapter_spec(), folder,
+                                       base_model_name_or_path=redact(cfg.model.name_or_path))
+    if label_names is not None:
+        model.config.save_pretrained(folder)
+    return weights
 
 
 def log_outputs(run_id: str, cfg: BenchConfig, method: MethodConfig, model, ev: EvalResult,
-                out: Path) -> float:
-    """Artifacts: adapter (or full weights), predictions, confusion matrix, resolved config."""
+                out: Path, label_names: Optional[list[str]] = None) -> float:
+    """Artifacts: adapter (or full weights), predictions, confusion matrix, resolved config;
+    class names, when the labels have them, in all but the config."""
     adapter_dir = out / names.ADAPTER_ARTIFACTS
-    weights = save_weights(cfg, method, model, adapter_dir)
-    ev.predictions.to_csv(out / names.PREDICTIONS, index=False)
-    plot_confusion(ev.confusion, out / "confusion_matrix.png", method.name)
+    weights = save_weights(cfg, method, model, adapter_dir, label_names)
+    with_label_names(ev.predictions, label_names).to_csv(out / names.PREDICTIONS, index=False)
+    plot_confusion(ev.confusion, out / "confusion_matrix.png", method.name, label_names)
     for name in (names.PREDICTIONS, "confusion_matrix.png"):
         tracking.log_artifact(run_id, cfg.tracking, out / name)
     tracking.log_config(run_id, cfg)
@@ -176,6 +186,8 @@ def run_method(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_i
         for role, df in (("train", data.train_df()), (split, data.frames[split].copy())):
             tracking.log_dataset(run_id, cfg.tracking, df, f"{cfg.name}-{role}",
                                  redact(data.source), role)
+    if data.label_names is not None:
+        tracking.set_tags(run_id, cfg.tracking, {names.LABEL_NAMES: names_tag(data.label_names)})
     try:
         model, summary, res, peak_mb, model_size_mb = train_and_measure(cfg, method, data,
                                                                         run_id, device, split)
@@ -185,7 +197,7 @@ def run_method(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_i
         raise
     log_eval(run_id, cfg, ev, res.steps)
     with tempfile.TemporaryDirectory() as tmp:
-        adapter_mb = log_outputs(run_id, cfg, method, model, ev, Path(tmp))
+        adapter_mb = log_outputs(run_id, cfg, method, model, ev, Path(tmp), data.label_names)
     summary_metrics = summary_of(res, summary, ev, peak_mb, model_size_mb, adapter_mb)
     tracking.log_metrics(run_id, cfg.tracking, summary_metrics, res.steps)
     tracking.log_history(run_id, cfg.tracking, names.STEP_TIME, res.step_times)

@@ -31,28 +31,24 @@ def history(cfg: BenchConfig, digest: str) -> dict[str, Estimate]:
     """method kind -> timing, from FINISHED runs on the same data and model; {} if none."""
     from mlflow.tracking import MlflowClient
 
+    from tasks import store
     from tasks.lifecycle import sqlite_path
 
     db = sqlite_path(cfg.tracking.tracking_uri)
     if db is not None and not db.exists():
         return {}  # no history, and `plan` creates no store
     client = MlflowClient(cfg.tracking.tracking_uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
+    eid = store.experiment_id(client, cfg.tracking.experiment)
+    if eid is None:
         return {}
-    parents = client.search_runs([exp.experiment_id], f"tags.`{names.ROLE}` = "
-                                 f"'{names.ROLE_PARENT}' and tags.`{names.DATA_DIGEST}` = '{digest}'",
-                                 max_results=50)
+    parents = store.parents(client, eid, limit=50, data_digest=digest)
     if not parents:
-        parents = [p for p in client.search_runs(
-            [exp.experiment_id], f"tags.`{names.ROLE}` = '{names.ROLE_PARENT}'", max_results=200)
-            if p.data.params.get("model.name_or_path") == cfg.model.name_or_path
-            and p.data.params.get("data.source") == cfg.data.source]
+        parents = [p for p in store.parents(client, eid, limit=200)
+                   if p.data.params.get("model.name_or_path") == cfg.model.name_or_path
+                   and p.data.params.get("data.source") == cfg.data.source]
     samples: dict[str, list[tuple[float, float]]] = {}
     for parent in parents:
-        for run in client.search_runs([exp.experiment_id],
-                                      f"tags.`{names.PARENT}` = '{parent.info.run_id}' and "
-                                      "attributes.status = 'FINISHED'"):
+        for run in store.children(client, eid, parent.info.run_id, status="FINISHED"):
             m = run.data.metrics
             if m.get(names.TRAIN_STEPS) and names.TRAIN_TIME in m:
                 samples.setdefault(run.data.tags.get(names.METHOD_KIND, "?"), []).append(

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from flows.jobs import Job, grid_jobs
-from tasks import names
+from tasks import names, store
 from tasks.config import BenchConfig
 from tasks.lifecycle import owner_tag
 from tasks.sweep import better
@@ -26,9 +26,7 @@ Dispatch = Callable[[BenchConfig, list[Job]], dict[str, str]]
 def open_method_runs(cfg: BenchConfig, client: MlflowClient, parent: Run) -> dict[str, str]:
     """One run per method (the aggregate run of tasks/aggregate.py, opened early), the parent
     of its grid points; an earlier benchmark's are taken up again on a resume."""
-    existing = {r.data.tags.get(names.METHOD): r.info.run_id for r in client.search_runs(
-        [parent.info.experiment_id], f"tags.`{names.BENCHMARK_RUN}` = '{parent.info.run_id}' "
-        f"and tags.`{names.ROLE}` = '{names.ROLE_AGGREGATE}'")}
+    existing = store.aggregates_by_method(client, parent.info.experiment_id, parent.info.run_id)
     out = {}
     for m in cfg.methods:
         tags = {names.ROLE: names.ROLE_AGGREGATE, names.METHOD: m.name,
@@ -46,9 +44,7 @@ def open_method_runs(cfg: BenchConfig, client: MlflowClient, parent: Run) -> dic
 
 
 def grid_runs(client: MlflowClient, experiment_id: str, method_run_id: str) -> list[Run]:
-    return client.search_runs([experiment_id], f"tags.`{names.PARENT}` = '{method_run_id}' and "
-                              f"tags.`{names.ROLE}` = '{names.ROLE_GRID}'",
-                              order_by=["attributes.start_time ASC"], max_results=5000)
+    return store.children(client, experiment_id, method_run_id, tags={names.ROLE: names.ROLE_GRID})
 
 
 def choose(cfg: BenchConfig, runs: list[Run]) -> Optional[Run]:

@@ -21,10 +21,10 @@ from typing import Optional
 
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Run, RunTag, ViewType
+from mlflow.entities import Metric, Run, RunTag
 from mlflow.utils.time import get_current_time_millis
 
-from tasks import names
+from tasks import names, store
 from tasks.stats import Interval, McNemar, mcnemar_exact, paired_difference, ratio_interval, t_interval
 
 
@@ -137,15 +137,7 @@ class Summary:
 
 def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
     """The parent's child runs (deleted ones left out), oldest first."""
-    runs, token = [], None
-    while True:  # paged: repeats and sweeps can exceed one page
-        page = client.search_runs([parent.info.experiment_id],
-                                  f"tags.`{names.PARENT}` = '{parent.info.run_id}'",
-                                  ViewType.ACTIVE_ONLY, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
+    runs = store.children(client, parent.info.experiment_id, parent.info.run_id)
     return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
 
@@ -254,15 +246,9 @@ def grid_points(client: MlflowClient, parent: Run) -> dict[str, list[GridPoint]]
     import json
 
     out: dict[str, list[GridPoint]] = {}
-    methods = client.search_runs([parent.info.experiment_id],
-                                 f"tags.`{names.BENCHMARK_RUN}` = '{parent.info.run_id}' and "
-                                 f"tags.`{names.ROLE}` = '{names.ROLE_AGGREGATE}'")
-    for m in methods:
-        runs = client.search_runs([parent.info.experiment_id],
-                                  f"tags.`{names.PARENT}` = '{m.info.run_id}' and "
-                                  f"tags.`{names.ROLE}` = '{names.ROLE_GRID}'",
-                                  order_by=["attributes.start_time ASC"], max_results=5000)
-        for r in runs:
+    eid = parent.info.experiment_id
+    for m in store.aggregates(client, eid, parent.info.run_id):
+        for r in store.children(client, eid, m.info.run_id, tags={names.ROLE: names.ROLE_GRID}):
             s = seed_run(r)
             out.setdefault(s.method, []).append(GridPoint(
                 r.info.run_id, s.method, json.loads(r.data.tags.get(names.POINT_JSON, "{}")),
@@ -351,9 +337,7 @@ def log_aggregates(client: MlflowClient, summary: Summary) -> dict[str, str]:
     FINISHED, or FAILED when no seed of the method finished. Returns method -> run id."""
     parent = summary.parent
     by_method = {c.method: c for c in summary.comparisons}
-    existing = {r.data.tags.get(names.METHOD): r.info.run_id for r in client.search_runs(
-        [parent.info.experiment_id], f"tags.`{names.BENCHMARK_RUN}` = '{parent.info.run_id}' "
-        f"and tags.`{names.ROLE}` = '{names.ROLE_AGGREGATE}'")}
+    existing = store.aggregates_by_method(client, parent.info.experiment_id, parent.info.run_id)
     bench = parent.data.tags.get(names.BENCHMARK, parent.info.run_name)
     out = {}
     for name, agg in summary.methods.items():

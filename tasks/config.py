@@ -48,6 +48,9 @@ class DataConfig(_Strict):
     max_length: int = Field(128, ge=2, le=8192)
     num_labels: Optional[int] = Field(
         None, ge=2, description="number of classes; inferred from the training split if unset")
+    label_names: Optional[list[str]] = Field(
+        None, description="the class names by id: fixes the order (and set) of name labels, "
+                          "else sorted; with integer labels, names ids 0..n-1 (tasks/labels.py)")
     allow_smaller: bool = Field(
         False, description="accept train_size/eval_size above the rows available (all are used)")
     test_split: Optional[str] = Field(

@@ -3,9 +3,9 @@
 Reading and validation live in `tasks.dataset` (no torch, no Prefect: fast to fail). Here the
 selected rows are tokenised (truncated to `max_length`, unpadded) and kept in a cache of Parquet
 files, readable by the owner only, keyed by the config, the content of the data and tokenizer
-files, and the source code that prepares them (`tasks/dataset.py`, this file, `tasks/collate.py`):
-an edit to the cleaning or tokenisation can never be served old token ids. Nothing in the cache
-is ever unpickled."""
+files, and the source code that prepares them (`tasks/dataset.py`, `tasks/labels.py`, this
+file, `tasks/collate.py`): an edit to the cleaning, the label mapping or the tokenisation can
+never be served old token ids. Nothing in the cache is ever unpickled."""
 from __future__ import annotations
 
 import hashlib
@@ -42,6 +42,11 @@ class PreparedData:
     summary: DataSummary
     frames: dict[str, pd.DataFrame] = field(repr=False)  # role -> selected raw rows
     test: Optional[SplitData] = None
+
+    @property
+    def label_names(self) -> Optional[list[str]]:
+        """The class names by id (class-name labels, or data.label_names), else None."""
+        return self.summary.label_names
 
     def split(self, role: str) -> SplitData:
         """"eval" (the selection split) or "test"."""
@@ -118,8 +123,8 @@ def tokenize_splits(cfg: DataConfig, tokenizer_name_or_path: str,
 
 # ---------------------------------------------------------------- the cache
 
-CACHE_FORMAT = "4"  # bump when the cached layout changes (4: sentence pairs)
-CODE = [Path(__file__).parent / f for f in ("dataset.py", "data.py", "collate.py")]
+CACHE_FORMAT = "5"  # bump when the cached layout changes (4: sentence pairs, 5: label names)
+CODE = [Path(__file__).parent / f for f in ("dataset.py", "labels.py", "data.py", "collate.py")]
 _TOKENIZER_FILES = (".json", ".txt", ".model", ".tiktoken")  # not weights: they can be GBs
 _sha_memo: dict[tuple[str, int, int], str] = {}
 

@@ -19,24 +19,18 @@ import hashlib
 import io
 import json
 import math
-import numbers
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import pandas as pd
 
+from tasks import labels
 from tasks.config import DataConfig, looks_local
+from tasks.labels import DataError  # noqa: F401  (re-exported: callers import it from here)
 
 EXTENSIONS = (".tsv", ".csv", ".jsonl", ".parquet")
-_INT = re.compile(r"\s*[+-]?\d+\s*")
-
-
-class DataError(ValueError):
-    """Data that cannot be used; the message names the file or hub id, the column and the line."""
 
 
 @dataclass
@@ -53,6 +47,7 @@ class DataSummary:
     test_rows: int = 0
     test_available: int = 0
     test_is_eval: bool = False  # the test split is the selection split: optimistic numbers
+    label_names: Optional[list[str]] = None  # class names by id (tasks/labels.py), if known
 
 
 # ---------------------------------------------------------------- reading one split
@@ -201,22 +196,6 @@ def _read_hub(cfg: DataConfig) -> dict[str, _Table]:
 # ---------------------------------------------------------------- validation
 
 
-def _label_int(value: Any) -> Optional[int]:
-    # Accept 1, "1" and 1.0 (pandas writes integer columns holding nulls as floats); refuse
-    # booleans, fractions and words, which mean the wrong column or an unmapped label set.
-    if isinstance(value, (bool, np.bool_)):
-        return None
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, str):
-        return int(value) if _INT.fullmatch(value) else None
-    try:
-        as_float = float(value)
-    except (TypeError, ValueError):
-        return None
-    return int(as_float) if as_float.is_integer() else None
-
-
 # The frame columns a split's text comes back in: one text, or a pair (tokenised together).
 TEXT_OUT = ("text", "text_pair")
 
@@ -245,25 +224,17 @@ def _clean(table: _Table, cfg: DataConfig, split: str) -> pd.DataFrame:
     if len(table.frame) == 0:
         raise DataError(f"{table.where}: split {split!r} has no rows")
     texts: dict[str, list[str]] = {out: [] for out in TEXT_OUT[:len(cfg.text_columns)]}
-    labels = []
+    values_: list[labels.Label] = []
     rows = zip(table.positions, table.frame[cfg.label_column].tolist(),
                *(table.frame[c].tolist() for c in cfg.text_columns))
     for pos, label, *values in rows:
         at = f"{table.where}: {table.unit} {pos}"
         for out, column, value in zip(texts, cfg.text_columns, values):
             texts[out].append(_text_value(value, f"{at}: column {column!r}"))
-        labels.append(_label_int(label))
-        if labels[-1] is None:
-            raise DataError(f"{at}: column {cfg.label_column!r}: label {label!r} is not an integer")
+        values_.append(labels.parse(label, f"{at}: column {cfg.label_column!r}"))
     index = pd.Index(table.positions, name=table.unit)
-    return pd.DataFrame({**texts, "label": labels}, index=index)
-
-
-def _check_range(frame: pd.DataFrame, where: str, column: str, num_labels: int, why: str) -> None:
-    bad = frame[(frame["label"] < 0) | (frame["label"] >= num_labels)]
-    if len(bad):
-        raise DataError(f"{where}: {frame.index.name} {bad.index[0]}: column {column!r}: label "
-                        f"{bad['label'].iloc[0]} is outside [0, {num_labels}) ({why})")
+    # Ids or class names as read; tasks.labels.resolve turns names into ids for every split.
+    return pd.DataFrame({**texts, "label": values_}, index=index)
 
 
 def _subset(frame: pd.DataFrame, size: Optional[int], seed: int, split: str,
@@ -280,8 +251,10 @@ def _subset(frame: pd.DataFrame, size: Optional[int], seed: int, split: str,
     return frame.iloc[chosen]
 
 
-def _digest(frames: dict[str, pd.DataFrame]) -> str:
+def _digest(frames: dict[str, pd.DataFrame], names: Optional[list[str]]) -> str:
     h = hashlib.sha256()
+    if names is not None:  # the same ids under other names are other data; integer labels
+        h.update(f"[label names]\n{json.dumps(names)}\n".encode())  # hash as they always did
     for role, frame in frames.items():
         h.update(f"[{role}]\n".encode())
         pairs = frame["text_pair"] if "text_pair" in frame else [None] * len(frame)
@@ -289,17 +262,6 @@ def _digest(frames: dict[str, pd.DataFrame]) -> str:
             line = f"{label}\t{text}" + ("" if pair is None else f"\t{pair}")
             h.update(f"{line}\n".encode("utf-8"))
     return h.hexdigest()
-
-
-def _num_labels(cfg: DataConfig, train: pd.DataFrame, where: str) -> tuple[int, str]:
-    """`data.num_labels`, else 1 + the largest label of the *training* split: evaluation labels
-    are checked against it, never used to infer it (one stray label 2 in the eval file would
-    otherwise turn a binary task into a 3-class one)."""
-    if cfg.num_labels is not None:
-        return cfg.num_labels, f"data.num_labels = {cfg.num_labels}"
-    return (max(2, 1 + int(train["label"].max())),
-            f"num_labels inferred from the training split {where}; set data.num_labels if the "
-            f"task has more classes")
 
 
 def _size(cfg: DataConfig, role: str, frame: pd.DataFrame, where: str) -> Optional[int]:
@@ -311,14 +273,6 @@ def _size(cfg: DataConfig, role: str, frame: pd.DataFrame, where: str) -> Option
         return None  # all rows; DataSummary records how many were used
     raise DataError(f"data.{field} = {size:,} but {where} has only {len(frame):,} rows; lower "
                     f"data.{field}, or set data.allow_smaller: true to use all of them")
-
-
-def _check_classes(train: pd.DataFrame, where: str, cfg: DataConfig) -> None:
-    present = sorted(set(train["label"].tolist()))
-    if len(present) < 2:
-        picked = f" (the {len(train):,} rows picked by data.train_size)" if cfg.train_size else ""
-        raise DataError(f"{where}: every training row{picked} has label {present[0]}; a "
-                        f"classifier needs at least two classes to learn from")
 
 
 def _tables(cfg: DataConfig, roles: dict[str, str]) -> dict[str, _Table]:
@@ -349,35 +303,30 @@ def _load(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], DataSummary]:
     tables = _tables(cfg, roles)
     where = {role: tables[split].where for role, split in roles.items()}
     full = {role: _clean(tables[split], cfg, split) for role, split in roles.items()}
+    for role, frame in full.items():
+        labels.check_hidden(frame, where[role], role)
+    # Names map to ids over the whole training file, before any carving or subsetting: the
+    # classes do not depend on the seed or the sizes.
+    full, names = labels.resolve(full, where, cfg)
     if cfg.test_from_train:
         full["train"], full["test"] = _carve_test(full["train"], cfg)
         roles["test"], where["test"] = "test-from-train", f"{where['train']} (test_from_train)"
-    num_labels, why = _num_labels(cfg, full["train"], where["train"])
+    num_labels, why = labels.num_labels(cfg, full["train"], where["train"], names)
     for role, frame in full.items():
-        _check_hidden(frame, where[role], role)
-        _check_range(frame, where[role], cfg.label_column, num_labels, why)
+        labels.check_range(frame, where[role], cfg.label_column, num_labels, why)
     frames = {role: _subset(full[role], _size(cfg, role, full[role], where[role]),
                             cfg.seed, roles[role], cfg.subset) for role in roles}
-    _check_classes(frames["train"], where["train"], cfg)
+    labels.check_classes(frames["train"], where["train"], cfg, names)
     counts = {role: {k: int((f["label"] == k).sum()) for k in range(num_labels)}
               for role, f in frames.items()}
     summary = DataSummary(
         source=cfg.source, files=where, num_labels=num_labels,
         train_rows=len(frames["train"]), eval_rows=len(frames["eval"]),
         train_available=len(full["train"]), eval_available=len(full["eval"]),
-        label_counts=counts, digest=_digest(frames),
+        label_counts=counts, digest=_digest(frames, names), label_names=names,
         test_rows=len(frames.get("test", ())), test_available=len(full.get("test", ())),
         test_is_eval=cfg.test_split is not None and cfg.test_split == cfg.eval_split)
     return frames, summary
-
-
-def _check_hidden(frame: pd.DataFrame, where: str, role: str) -> None:
-    """The hub's SST-2 (like GLUE) hides its test labels as -1: say what to do instead."""
-    if len(frame) and (frame["label"] == -1).all():
-        fix = ("set data.test_from_train: 0.1 to carve a labelled test split from the training "
-               "data (seeded, disjoint from the training rows), or point data.test_split at "
-               "labelled data" if role == "test" else "use a split with labels")
-        raise DataError(f"{where}: every label is -1: the labels of this split are hidden; {fix}")
 
 
 def load_splits(cfg: DataConfig) -> dict[str, pd.DataFrame]:

@@ -69,21 +69,50 @@ def evaluate_model(model: nn.Module, data: SplitData, num_labels: int, pad_token
     return EvalResult(metrics, table, cm)
 
 
-def plot_confusion(cm: np.ndarray, path: Path, title: str) -> Path:
+def with_label_names(table: pd.DataFrame, label_names: Optional[list[str]]) -> pd.DataFrame:
+    """The predictions table with `label_name`/`pred_name` beside the ids, for class names."""
+    if label_names is None:
+        return table
+    out = table.copy()
+    at = out.columns.get_loc("prediction") + 1
+    out.insert(at, "pred_name", [label_names[i] for i in out["prediction"]])
+    out.insert(at, "label_name", [label_names[i] for i in out["label"]])
+    return out
+
+
+def confusion_figure(cm: np.ndarray, title: str, label_names: Optional[list[str]] = None):
+    """The confusion matrix as a matplotlib figure (the caller closes it): rows are the true
+    classes, columns the predicted ones, ticks their names when known, else their ids."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(3.6, 3.2), dpi=120)
+    n = len(cm)
+    ticks = list(label_names) if label_names is not None else [str(i) for i in range(n)]
+    side = max(3.2, 0.6 * n + 2)  # room for a few more classes than two
+    fig, ax = plt.subplots(figsize=(side + 0.4, side), dpi=120)
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center",
                 color="white" if v > cm.max() / 2 else "black")
-    ax.set(xlabel="predicted", ylabel="true", title=title,
-           xticks=range(len(cm)), yticks=range(len(cm)))
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    # Names can be long: slanted on the x axis so neighbours do not overlap.
+    ax.set_xticks(range(n), ticks, rotation=30 if label_names is not None else 0,
+                  ha="right" if label_names is not None else "center")
+    ax.set_yticks(range(n), ticks)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
+
+
+def plot_confusion(cm: np.ndarray, path: Path, title: str,
+                   label_names: Optional[list[str]] = None) -> Path:
+    fig = confusion_figure(cm, title, label_names)  # selects the Agg backend first
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from tasks import names
+from tasks import names, outdir, store
 from tasks.config import BenchConfig, MethodConfig
 
 
@@ -27,10 +27,7 @@ class ExportError(RuntimeError):
 
 
 def _run(client: MlflowClient, run_id: str) -> Run:
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as e:
-        raise ExportError(f"run {run_id!r}: not found in {client.tracking_uri} ({e.message})") from None
+    run = store.get_run(client, run_id)  # store.UnknownRun: the CLI's exit 2
     if run.data.tags.get(names.ROLE) not in (names.ROLE_CHILD, names.ROLE_GRID):
         raise ExportError(f"run {run_id!r} is not a training run (a method's run under a "
                           "benchmark, or a grid point); `peft-bench compare` lists them")
@@ -56,20 +53,26 @@ def download_adapter(client: MlflowClient, run: Run, tmp: Path) -> Path:
         raise ExportError(f"run {source!r} logged no weights (tracking.log_weights was off?)") from None
 
 
-def export_run(tracking_uri: str, run_id: str, out: Path, merged: bool = False) -> Path:
+def export_run(tracking_uri: str, run_id: str, out: Path, merged: bool = False,
+               force: bool = False) -> Path:
     """The run's adapter in peft's layout at `out`, or with `merged` (always for full
-    fine-tuning) a plain transformers model with the adapter merged in."""
+    fine-tuning) a plain transformers model with the adapter merged in. A non-empty `out` is
+    refused unless `force`; even then only the files written here are replaced."""
+    out = Path(out)
+    outdir.check_destination(out, force)
     client = MlflowClient(tracking_uri)
     run = _run(client, run_id)
-    with tempfile.TemporaryDirectory() as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, \
+            tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as staging:
         cfg, method = run_config(client, run, Path(tmp))
         adapter = download_adapter(client, run, Path(tmp))
+        staged = Path(staging) / "out"  # beside `out`: the same file system, so renames work
         if not merged and method.method != "full":
-            if out.exists():
-                shutil.rmtree(out)
-            shutil.copytree(adapter, out)
-            return out
-        return _merged(cfg, method, adapter, out)
+            shutil.copytree(adapter, staged)
+        else:
+            _merged(cfg, method, adapter, staged)
+        return outdir.install(staged, out)
 
 
 def _merged(cfg: BenchConfig, method: MethodConfig, adapter: Path, out: Path) -> Path:
@@ -106,7 +109,7 @@ def promote(tracking_uri: str, run_id: str, name: str, alias: Optional[str] = No
     if run.data.tags.get(names.METHOD_KIND) == "full":
         raise ExportError(f"run {run_id!r} is full fine-tuning: it has no adapter to register; "
                           "`peft-bench export --merged` writes the whole model")
-    source_run = client.get_run(run.data.tags.get(names.REUSED_FROM, run_id))
+    source_run = store.get_run(client, run.data.tags.get(names.REUSED_FROM, run_id))
     try:
         client.get_registered_model(name)
     except MlflowException:

@@ -56,15 +56,15 @@ def owner_alive(tag: str) -> Optional[bool]:
 
 def close_stale_runs(tracking: TrackingConfig) -> list[str]:
     """Close as FAILED every RUNNING run of the experiment whose owner process is gone."""
+    from tasks import store
     from tasks.tracking import client, fail_run
 
     c = client(tracking)
-    exp = c.get_experiment_by_name(tracking.experiment)
-    if exp is None:
+    eid = store.experiment_id(c, tracking.experiment)
+    if eid is None:
         return []
     closed = []
-    for run in c.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'",
-                             max_results=1000):
+    for run in store.running(c, eid):  # every one: a year of runs is far past one page
         tag = run.data.tags.get(names.OWNER)
         if tag and owner_alive(tag) is False:
             host, pid, _ = tag.rsplit(":", 2)
@@ -83,7 +83,7 @@ def reopen(tracking: TrackingConfig, run_id: str) -> None:
     c = client(tracking)
     c.update_run(run_id, status="RUNNING")
     c.set_tag(run_id, names.OWNER, owner_tag())
-    if names.ERROR in c.get_run(run_id).data.tags:
+    if names.ERROR in c.get_run(run_id).data.tags:  # the caller checked the id
         c.delete_tag(run_id, names.ERROR)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 from prefect import task
@@ -43,9 +44,12 @@ def head_modules(model_cfg: ModelConfig) -> list[str]:
 
 
 def load_model(model_cfg: ModelConfig, method: MethodConfig, num_labels: int,
-               pad_token_id: int, device: torch.device) -> nn.Module:
+               pad_token_id: int, device: torch.device,
+               label_names: Optional[list[str]] = None) -> nn.Module:
     """AutoModelForSequenceClassification from a hub id or a local directory; 4-bit for
-    qlora/qdora. The pad token is set so the pooled token is the last real one."""
+    qlora/qdora. The pad token is set so the pooled token is the last real one. With class
+    names (tasks/labels.py) the config's id2label/label2id carry them, so a saved or exported
+    model says what each logit means; integer labels keep transformers' LABEL_<i>."""
     # use_safetensors: never unpickle weights (a pickle can run code); preflight refuses a
     # pickle-only folder by name, and transformers raises for a hub model without safetensors.
     kwargs = dict(num_labels=num_labels, revision=model_cfg.revision,
@@ -54,6 +58,9 @@ def load_model(model_cfg: ModelConfig, method: MethodConfig, num_labels: int,
     if method.quantized:
         kwargs.update(quantization_config=quantization_config(method, head_modules(model_cfg)),
                       device_map={"": str(device) if device.type == "cpu" else device.index or 0})
+    if label_names is not None:
+        kwargs.update(id2label=dict(enumerate(label_names)),
+                      label2id={name: i for i, name in enumerate(label_names)})
     model = AutoModelForSequenceClassification.from_pretrained(local_path(model_cfg), **kwargs)
     model.config.pad_token_id = pad_token_id
     if not method.quantized:
@@ -70,8 +77,10 @@ def saved_size_mb(model: nn.Module) -> float:
 
 @task(name="load-model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
 def load_model_task(model_cfg: ModelConfig, method: MethodConfig, num_labels: int,
-                    pad_token_id: int, device: str) -> nn.Module:
-    return load_model(model_cfg, method, num_labels, pad_token_id, torch.device(device))
+                    pad_token_id: int, device: str,
+                    label_names: Optional[list[str]] = None) -> nn.Module:
+    return load_model(model_cfg, method, num_labels, pad_token_id, torch.device(device),
+                      label_names)
 
 
 @task(name="inject-adapter", cache_policy=NO_CACHE)

@@ -137,3 +137,6 @@ PREFECT_REGRESSION_KEY = "peft-bench-regressions"
 REGRESSION_EVENT = "peft-bench.regression.detected"
 PROGRESS_LOGGER = "peft_bench.progress"  # our progress lines, the console's only source
 LOG_ARTIFACTS = "logs"                   # the run's full log, on the parent run
+
+# ------------------------------------------------------------------ labels (tasks/labels.py)
+LABEL_NAMES = "peft_bench.label_names"   # on child runs with class names: JSON list, by id

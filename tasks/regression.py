@@ -26,7 +26,7 @@ from typing import Optional
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from tasks import names
+from tasks import names, store
 from tasks.aggregate import Summary
 from tasks.config import RegressionConfig
 
@@ -91,12 +91,10 @@ def _fmt(metric: str, v: float) -> str:
 def history(client: MlflowClient, parent: Run, window: int) -> list[Run]:
     """Earlier FINISHED parent runs of the same benchmark and config fingerprint, newest first."""
     tags = parent.data.tags
-    where = (f"tags.`{names.ROLE}` = '{names.ROLE_PARENT}' and "
-             f"tags.`{names.BENCHMARK}` = '{tags.get(names.BENCHMARK, '')}' and "
-             f"tags.`{names.CONFIG_HASH}` = '{tags.get(names.CONFIG_HASH, '')}' and "
-             "attributes.status = 'FINISHED'")
-    runs = client.search_runs([parent.info.experiment_id], where,
-                              order_by=["attributes.start_time DESC"], max_results=window + 5)
+    # All of them, not the newest few: a check of an older parent needs the runs before it.
+    runs = store.parents(client, parent.info.experiment_id,
+                         benchmark=tags.get(names.BENCHMARK, ""),
+                         config_hash=tags.get(names.CONFIG_HASH, ""), status="FINISHED")
     earlier = [r for r in runs if r.info.run_id != parent.info.run_id
                and (r.info.start_time or 0) <= (parent.info.start_time or 0)]
     return earlier[:window]
@@ -104,11 +102,8 @@ def history(client: MlflowClient, parent: Run, window: int) -> list[Run]:
 
 def aggregate_means(client: MlflowClient, parent: Run) -> dict[str, dict[str, float]]:
     """method -> summary key -> mean, from the aggregate runs of one benchmark."""
-    runs = client.search_runs([parent.info.experiment_id],
-                              f"tags.`{names.BENCHMARK_RUN}` = '{parent.info.run_id}' and "
-                              f"tags.`{names.ROLE}` = '{names.ROLE_AGGREGATE}'")
     out = {}
-    for run in runs:
+    for run in store.aggregates(client, parent.info.experiment_id, parent.info.run_id):
         if run.info.status != "FINISHED":
             continue
         m = run.data.metrics

@@ -23,12 +23,11 @@ from typing import Optional
 
 from mlflow import MlflowClient
 from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks import names
+from tasks import names, outdir, store
 from tasks.aggregate import MethodAggregate, Summary, child_runs as _child_runs, summarize
 from tasks.charts import Chart, draw_all, method_colors
 from tasks.charts_sweep import draw_sweep, frontier
@@ -58,12 +57,9 @@ class ReportResult:
 def latest_parent_run(tracking_uri: str, experiment: str) -> Optional[str]:
     """The most recently started benchmark parent run in `experiment`, or None."""
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], f"tags.`{names.ROLE}` = '{names.ROLE_PARENT}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else None
+    eid = store.experiment_id(client, experiment)
+    run = store.first(client, eid, store.parent_query()) if eid is not None else None
+    return run.info.run_id if run else None
 
 
 def child_runs(tracking_uri: str, parent_run_id: str) -> list[Run]:
@@ -72,12 +68,9 @@ def child_runs(tracking_uri: str, parent_run_id: str) -> list[Run]:
     return _child_runs(client, get_parent(client, parent_run_id))
 
 
-def get_parent(client: MlflowClient, run_id: str) -> Run:
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as e:
-        raise ReportError(f"cannot read parent run {run_id!r} from the tracking store "
-                          f"{client.tracking_uri}: {e.message}") from e
+def get_parent(client: MlflowClient, run_id: str, what: str = "parent run") -> Run:
+    """A benchmark's parent run; store.UnknownRun for an id the store does not hold."""
+    run = store.get_run(client, run_id, what)
     role = run.data.tags.get(names.ROLE)
     if role == names.ROLE_CHILD:
         raise ReportError(f"run {run_id!r} is a benchmark child run, not a parent; its parent "
@@ -207,7 +200,7 @@ def _selection_split(client: MlflowClient, summary: Summary, params: dict) -> Op
     found = set()
     for points in summary.grids.values():
         if points:
-            found.add(client.get_run(points[0].run_id).data.tags.get(names.EVAL_SPLIT))
+            found.add(store.get_run(client, points[0].run_id).data.tags.get(names.EVAL_SPLIT))
     found.discard(None)
     return ", ".join(sorted(found)) or params.get("data.eval_split")
 
@@ -344,21 +337,6 @@ def _write(ctx: dict, work: Path) -> list[Chart]:
     return charts
 
 
-def _move_into_place(work: Path, dest: Path) -> None:
-    """Swap the finished folder in; an older report is only removed once the new one is there."""
-    if not dest.exists():
-        work.rename(dest)
-        return
-    old = work.with_name(work.name + ".old")
-    dest.rename(old)
-    try:
-        work.rename(dest)
-    except BaseException:
-        old.rename(dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def generate_report(parent_run_id: str, tracking_uri: str, out_dir: Path) -> ReportResult:
     """Write report.md, report.html, charts and summary.json into out_dir/<parent_run_id>/ and
     log them to the parent run under `report/`."""
@@ -375,7 +353,7 @@ def generate_report(parent_run_id: str, tracking_uri: str, out_dir: Path) -> Rep
         client.log_artifacts(run_id, str(work), artifact_path=names.REPORT_ARTIFACTS)
         client.set_tag(run_id, names.RUN_NOTE, parent_note(ctx))  # the UI's run description
         dest = out_dir / run_id
-        _move_into_place(work, dest)
+        outdir.swap_in(work, dest)  # a user's own files in an older report folder stay
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

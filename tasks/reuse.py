@@ -21,7 +21,7 @@ from typing import Optional
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 
-from tasks import names
+from tasks import names, store
 from tasks.config import BenchConfig
 
 CODE_DIRS = ("flows", "tasks", "peft_modules")
@@ -49,7 +49,7 @@ def run_key(cfg: BenchConfig, method_name: str, split: str, data_digest: str,
 
     method = next(m for m in cfg.methods if m.name == method_name)
     training = cfg.training.model_dump(mode="json", exclude={
-        "seeds", "checkpoint_every", "checkpoint_dir", "keep_checkpoints"})
+        "seeds", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "keep_last"})
     body = {"model": cfg.model.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json"),
             "digest": data_digest, "method": method.model_dump(mode="json", exclude={"sweep"}),
             "training": training, "split": split, "code": code_version(),
@@ -58,9 +58,7 @@ def run_key(cfg: BenchConfig, method_name: str, split: str, data_digest: str,
 
 
 def find_reusable(client: MlflowClient, experiment_id: str, key: str) -> Optional[Run]:
-    runs = client.search_runs([experiment_id], f"tags.`{names.RUN_KEY}` = '{key}' and "
-                              "attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=5)
+    runs = store.by_run_key(client, experiment_id, key)
     originals = [r for r in runs if names.REUSED_FROM not in r.data.tags]
     return (originals or runs or [None])[0]
 

@@ -20,7 +20,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
-from tasks import names
+from tasks import names, store
 from tasks.config import BenchConfig, TrackingConfig, public_dump
 from tasks.errors import describe
 from tasks.model_source import pinned_digest
@@ -205,15 +205,12 @@ def find_child(tracking: TrackingConfig, parent_run_id: str, method: str, seed: 
                point: str = "default"):
     """The latest child run of a parent for one (method, seed, grid point label), or None."""
     c = client(tracking)
-    exp = c.get_experiment_by_name(tracking.experiment)
-    if exp is None:
+    eid = store.experiment_id(c, tracking.experiment)
+    if eid is None:
         return None
-    runs = c.search_runs([exp.experiment_id],
-                         f"tags.`{names.PARENT}` = '{parent_run_id}' and "
-                         f"tags.`{names.METHOD}` = '{method}' and tags.`{names.SEED}` = '{seed}' "
-                         f"and tags.`{names.POINT}` = '{point}'",
-                         order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
+    query = store.Query({names.PARENT: parent_run_id, names.METHOD: method,
+                         names.SEED: str(seed), names.POINT: point})
+    return store.first(c, eid, query)
 
 
 def log_artifact(run_id: str, tracking: TrackingConfig, path: Path,
@@ -287,13 +284,13 @@ def check_reachable(tracking: TrackingConfig, timeout_s: float = 20.0) -> None:
                                  f"({last}); start it or fix MLFLOW_TRACKING_URI"))
 
 
-def _fail_open(tracking: TrackingConfig, where: str, why: str) -> list[str]:
-    """Close as FAILED every RUNNING run of the experiment that matches `where`."""
+def _fail_open(tracking: TrackingConfig, tags: dict[str, str], why: str) -> list[str]:
+    """Close as FAILED every RUNNING run of the experiment with these tags."""
     c = client(tracking)
-    exp = c.get_experiment_by_name(tracking.experiment)
-    if exp is None:
+    eid = store.experiment_id(c, tracking.experiment)
+    if eid is None:
         return []
-    runs = c.search_runs([exp.experiment_id], f"{where} and attributes.status = 'RUNNING'")
+    runs = store.running(c, eid, tags)
     for run in runs:
         fail_run(tracking, run.info.run_id, why)
     return [r.info.run_id for r in runs]
@@ -301,9 +298,9 @@ def _fail_open(tracking: TrackingConfig, where: str, why: str) -> list[str]:
 
 def fail_open_runs(tracking: TrackingConfig, flow_run_id: str, why: str) -> list[str]:
     """Close as FAILED every RUNNING MLflow run a (crashed) Prefect flow run left behind."""
-    return _fail_open(tracking, f"tags.`{names.FLOW_RUN_ID}` = '{flow_run_id}'", why)
+    return _fail_open(tracking, {names.FLOW_RUN_ID: flow_run_id}, why)
 
 
 def fail_open_children(tracking: TrackingConfig, parent_run_id: str, why: str) -> list[str]:
     """Close as FAILED the RUNNING child runs of a parent run."""
-    return _fail_open(tracking, f"tags.`{names.PARENT}` = '{parent_run_id}'", why)
+    return _fail_open(tracking, {names.PARENT: parent_run_id}, why)

@@ -113,3 +113,38 @@ def test_promote_registers_a_version_that_loads_back(trained, tiny_model_dir, tm
     base.config.pad_token_id = data.pad_token_id
     model = PeftModel.from_pretrained(base, folder)
     assert _accuracy(model, data) == run.data.metrics["eval/accuracy"]
+
+
+def test_export_never_deletes_a_users_file(trained, tiny_model_dir, tmp_path):
+    """A non-empty folder is refused without --force; with it, only our files are replaced,
+    and a later export of another kind removes our stale files but not the user's."""
+    cfg, uri, runs, data, _ = trained
+    run = runs["dora"].info.run_id
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("my notes")
+    (dest / "sub").mkdir()
+    (dest / "sub" / "keep.bin").write_bytes(b"\x00\x01")
+    out = runner.invoke(app, ["export", run, str(dest), "--tracking-uri", uri])
+    assert out.exit_code == 2, out.output
+    assert str(dest) in out.output and "--force" in out.output and "notes.txt" in out.output
+    assert sorted(p.name for p in dest.iterdir()) == ["notes.txt", "sub"]  # nothing written
+
+    out = runner.invoke(app, ["export", run, str(dest), "--force", "--tracking-uri", uri])
+    assert out.exit_code == 0, out.output
+    assert (dest / "notes.txt").read_text() == "my notes"
+    assert (dest / "sub" / "keep.bin").read_bytes() == b"\x00\x01"
+    model = PeftModel.from_pretrained(_base(tiny_model_dir, data), dest)
+    assert _accuracy(model, data) == runs["dora"].data.metrics["eval/accuracy"]
+
+    out = runner.invoke(app, ["export", run, str(dest), "--merged", "--force",
+                              "--tracking-uri", uri])
+    assert out.exit_code == 0, out.output
+    assert not (dest / "adapter_config.json").exists()  # ours and stale: a merged model now
+    assert (dest / "notes.txt").read_text() == "my notes"
+    assert (dest / "sub" / "keep.bin").read_bytes() == b"\x00\x01"
+    plain = AutoModelForSequenceClassification.from_pretrained(dest)
+    plain.config.pad_token_id = data.pad_token_id
+    assert _accuracy(plain, data) == pytest.approx(runs["dora"].data.metrics["eval/accuracy"],
+                                                   abs=1e-9)
+    assert not list(tmp_path.glob(".mine.*"))  # no staging folder left beside it

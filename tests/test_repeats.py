@@ -249,6 +249,7 @@ NOT_WRITTEN_HERE = {
     "mlflow.experimentKind": "an experiment tag: test_browser.py",
     "mlflow.data.context": "a dataset input tag: test_pipeline.py (inputs with digests)",
     "peft_bench.model_sha256": "packaged models only: test_model_source.py",
+    "peft_bench.label_names": "class-name labels only: test_labels.py",
 }
 NOT_NAMES = {"parent", "child", "aggregate", "grid", "predictions.csv", "report", "adapter",
              "logs", "peft-bench-report", "peft-bench-regressions",

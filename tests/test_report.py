@@ -17,6 +17,7 @@ from mlflow.entities import Metric, Param
 from scipy import stats as st
 
 from tasks import report as report_mod
+from tasks.store import UnknownRun
 from tasks.report import ReportError, child_runs, generate_report, latest_parent_run
 
 EXPERIMENT = "peft-bench-test"
@@ -333,7 +334,7 @@ def test_artifacts_logged_on_parent(bench):
 def test_missing_parent_leaves_nothing(tmp_path):
     uri, _ = build_store(tmp_path, failed=None)
     out = tmp_path / "reports"
-    with pytest.raises(ReportError, match="0123456789abcdef0123456789abcdef"):
+    with pytest.raises(UnknownRun, match="0123456789abcdef0123456789abcdef.*not in the tracking"):
         generate_report("0123456789abcdef0123456789abcdef", uri, out)
     assert not (out / "0123456789abcdef0123456789abcdef").exists()
     assert not out.exists() or not any(out.iterdir())
@@ -365,6 +366,26 @@ def test_reference_failed_and_rerun_replaces(tmp_path):
     again = generate_report(parent, uri, tmp_path / "reports")
     assert again.dir == first.dir and again.html_path.is_file()
     assert [p.name for p in (tmp_path / "reports").iterdir()] == [parent]
+
+
+def test_rebuilt_report_keeps_a_users_files(tmp_path):
+    """A rebuild replaces our files and removes our stale ones; a user's file in the report
+    folder (and in a subfolder of it) survives."""
+    uri, parent = build_store(tmp_path, failed=None)
+    first = generate_report(parent, uri, tmp_path / "reports")
+    (first.dir / "my-notes.md").write_text("keep me")
+    (first.dir / "mine").mkdir()
+    (first.dir / "mine" / "plot.svg").write_text("<svg/>")
+    (first.dir / "stale-chart.png").write_bytes(b"png")  # as if an older version wrote it
+    listed = json.loads((first.dir / ".peft-bench-files.json").read_text())
+    listed["files"].append("stale-chart.png")
+    (first.dir / ".peft-bench-files.json").write_text(json.dumps(listed))
+    again = generate_report(parent, uri, tmp_path / "reports")
+    assert again.dir == first.dir and again.html_path.is_file()
+    assert (again.dir / "my-notes.md").read_text() == "keep me"
+    assert (again.dir / "mine" / "plot.svg").read_text() == "<svg/>"
+    assert not (again.dir / "stale-chart.png").exists()
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == [parent]  # no .old
 
 
 def test_child_run_id_is_refused(bench):
