@@ -207,6 +207,8 @@ def run_method(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_i
         names.EVAL_F1: ev.metrics["f1_macro"]})})
     if res.resumed_from is not None:
         tracking.set_tags(run_id, cfg.tracking, {names.RESUMED: str(res.resumed_from)})
+    if res.resume_note:  # a damaged checkpoint was skipped: the run says which, and why
+        tracking.set_tags(run_id, cfg.tracking, {names.RESUME_NOTE: res.resume_note[:5000]})
     if not cfg.training.keep_checkpoints:
         checkpoint.clear(Path(cfg.training.checkpoint_dir) / run_id)
     return {**summary_metrics, names.EVAL_ACCURACY: ev.metrics["accuracy"],

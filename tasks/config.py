@@ -147,6 +147,9 @@ class TrainingConfig(_Strict):
         200, gt=0, description="optimiser steps between checkpoints; null: none")
     checkpoint_dir: Path = Field(Path(".checkpoints"),
                                  description="checkpoints go to <checkpoint_dir>/<MLflow run id>")
+    keep_last: int = Field(
+        2, ge=1, description="complete checkpoints kept during a run; the previous one is kept "
+        "until the new one is written and verified, so a resume can fall back to it")
     keep_checkpoints: bool = Field(False, description="keep them after a run finishes")
     timing_warmup_steps: int = Field(
         3, ge=0, description="first optimiser steps left out of the median step time")

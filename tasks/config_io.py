@@ -109,7 +109,7 @@ def looks_local(name_or_path: str) -> bool:
 # work runs (dispatch, concurrency), where results go (tracking, report) and the alarm's own
 # thresholds. Two benchmarks with the same fingerprint measure the same thing.
 _FINGERPRINT_EXCLUDE = {"training": {"seed", "seeds", "checkpoint_every", "checkpoint_dir",
-                                     "keep_checkpoints"}, "dispatch": True,
+                                     "keep_checkpoints", "keep_last"}, "dispatch": True,
                         "finetune_deployment": True, "concurrency": True, "tracking": True,
                         "report": True, "regression": True,
                         "sweep": {"reuse", "max_runs"}}

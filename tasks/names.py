@@ -113,6 +113,7 @@ FAILED_RUNS = "peft_bench.failed_runs"
 WORKER = "peft_bench.worker"
 OWNER = "peft_bench.owner"               # host:pid:process start time of whoever has it open
 RESUMED = "peft_bench.resumed_from_step"
+RESUME_NOTE = "peft_bench.resume_note"   # a checkpoint skipped on resume: which file, and why
 POINT = "peft_bench.point"               # a grid point's label, e.g. "lr=0.0003,rank=8"
 POINT_JSON = "peft_bench.point_json"     # the same point as JSON, for reading back
 CHOSEN = "peft_bench.chosen"             # "true" on the grid run selection picked

@@ -4,12 +4,14 @@ Every method gets the same optimiser (AdamW), schedule and clipping; only the le
 differ, and only where the config says so. Periodic evaluation, logging and checkpointing are
 excluded from train time. A non-finite loss or gradient norm stops the run at once
 (`NonFiniteError`), before the optimiser step can spread it into the weights. With a checkpoint
-folder, the loop checkpoints every `checkpoint_every` steps and continues from the latest
-checkpoint it finds there, drawing the same batches and dropout masks as an uninterrupted run.
+folder, the loop checkpoints every `checkpoint_every` steps and continues from the newest
+checkpoint there that verifies, drawing the same batches and dropout masks as an uninterrupted
+run; a damaged checkpoint skipped on the way is named in `TrainResult.resume_note`.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import statistics
 import time
@@ -29,6 +31,7 @@ from tasks.config import TrainingConfig
 from tasks.machine_load import LoadReading, MachineLoad
 
 LogFn = Callable[[dict[str, float], int], None]
+log_ = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
@@ -53,6 +56,7 @@ class TrainResult:
     warmup_steps: int = 3  # steps left out of the steady-state median
     load: Optional[LoadReading] = None  # what other processes took while this method trained
     resumed_from: Optional[int] = None  # the checkpoint's step when the run was resumed
+    resume_note: Optional[str] = None  # checkpoints skipped on resume (damaged), and why
 
     @property
     def step_time_median_s(self) -> float:
@@ -174,10 +178,8 @@ def _train_loop(model, train, cfg, lr, pad_token_id, device, log, evaluate, ckpt
     sched = get_scheduler(cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * steps),
                           num_training_steps=steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    stream, prog = BatchStream(loader), checkpoint.Progress()
-    if ckpt is not None and (back := checkpoint.restore(ckpt.folder, model, opt, sched, device)):
-        prog = back.progress
-        stream.resume(prog.epoch, prog.batches_into_epoch, back.epoch_generator_state)
+    stream = BatchStream(loader)
+    prog, note = _resume(ckpt, model, opt, sched, device, stream)
     model.train()
     bar = progress.run_bar(steps, prog.step, "train")
     micro, window, segment = 0, [], 0.0
@@ -215,7 +217,8 @@ def _train_loop(model, train, cfg, lr, pad_token_id, device, log, evaluate, ckpt
         if ckpt is not None and prog.step % ckpt.every == 0 and prog.step < steps:
             prog.epoch, prog.batches_into_epoch = stream.epoch, stream.taken
             prog.train_time_s += segment
-            checkpoint.save(ckpt.folder, model, opt, sched, prog, stream.epoch_state, device)
+            checkpoint.save(ckpt.folder, model, opt, sched, prog, stream.epoch_state, device,
+                            keep=cfg.keep_last)
             prog.train_time_s -= segment  # added once, at the end
         t0 += time.perf_counter() - now  # logging, evaluation, checkpoints: not training time
         step_start = time.perf_counter()
@@ -225,7 +228,23 @@ def _train_loop(model, train, cfg, lr, pad_token_id, device, log, evaluate, ckpt
     prog.train_time_s += time.perf_counter() - t0
     return TrainResult(prog.step, prog.train_time_s, prog.samples, prog.tokens, prog.losses,
                        prog.periodic_eval_s, prog.step_times, cfg.timing_warmup_steps,
-                       resumed_from=prog.resumed_from)
+                       resumed_from=prog.resumed_from, resume_note=note)
+
+
+def _resume(ckpt, model, opt, sched, device, stream: BatchStream):
+    """The loop's progress from the newest usable checkpoint (fresh without one), and the note
+    of any damaged checkpoint skipped: logged here, recorded on the run by the caller."""
+    back = checkpoint.restore(ckpt.folder, model, opt, sched, device) if ckpt else None
+    if back is None:
+        return checkpoint.Progress(), None
+    if back.note:
+        log_.warning(back.note)
+        progress.say(f"⚠ {back.note}")  # the console shows our progress lines only
+    if back.from_scratch:
+        return checkpoint.Progress(), back.note
+    prog = back.progress
+    stream.resume(prog.epoch, prog.batches_into_epoch, back.epoch_generator_state)
+    return prog, back.note
 
 
 def _take(stream: BatchStream, n: int):

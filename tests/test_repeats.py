@@ -244,6 +244,7 @@ NOT_WRITTEN_HERE = {
     "peft_bench.timing_warning": "contaminated runs: the burner test above",
     "prefect.flow_run_url": "only when the Prefect server has a UI URL",
     "peft_bench.resumed_from_step": "resumed runs: test_faults.py",
+    "peft_bench.resume_note": "a bad checkpoint on resume: test_checkpoint_recovery.py",
     "peft_bench.chosen": "sweeps: test_sweep.py", "peft_bench.chosen_point": "sweeps: test_sweep.py",
     "peft_bench.reused_from": "reused runs: test_sweep.py",
     "mlflow.experimentKind": "an experiment tag: test_browser.py",
