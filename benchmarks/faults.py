@@ -22,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -112,6 +113,30 @@ def write_data(folder: Path, train: str, validation: str) -> Path:
     return folder
 
 
+def broken_models(root: Path, model: Path) -> dict[str, Path]:
+    """Copies of the model, each with one file broken."""
+    def copy(name: str, config: Optional[dict] = None, drop: str = "") -> Path:
+        folder = root / name
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(model, folder)
+        if config is not None:
+            (folder / "config.json").write_text(json.dumps(
+                {**json.loads((folder / "config.json").read_text()), **config}))
+        if drop:
+            (folder / drop).unlink()
+        return folder
+
+    out = {"notjson": copy("notjson"), "wrongtype": copy("wrongtype", {"n_embd": "sixty-four"}),
+           "noweights": copy("noweights", drop="model.safetensors"),
+           "pickle": copy("pickle", drop="model.safetensors"),
+           "shapes": copy("shapes", {"vocab_size": 600})}  # the weights' embedding: 512 rows
+    (out["notjson"] / "config.json").write_text('{"n_embd": 32,')
+    # A pickle that would create a file if anything unpickled it: it must never be opened.
+    (out["pickle"] / "pytorch_model.bin").write_bytes(
+        b"cbuiltins\nopen\n(V" + str(root / "pickle-ran").encode() + b"\nVw\ntR.")
+    return out
+
+
 def simple_cases(root: Path, model: Path, data: Path) -> list[tuple[str, list[str], dict]]:
     """(fault, --set overrides, environment): one CLI run each."""
     good = "sentence\tlabel\nfine\t1\nbad\t0\nok\t1\n"
@@ -127,6 +152,7 @@ def simple_cases(root: Path, model: Path, data: Path) -> list[tuple[str, list[st
         if f.name == "config.json" or f.suffix == ".safetensors":
             shutil.copy(f, bare / f.name)
     small = ["data.train_size=null", "data.eval_size=null"]
+    broken = broken_models(root, model)
     return [
         ("config: unknown key", ["training.lrr=1"], {}),
         ("config: value out of range", ["training.lr=-1"], {}),
@@ -139,6 +165,13 @@ def simple_cases(root: Path, model: Path, data: Path) -> list[tuple[str, list[st
         ("data: one class only", [f"data.source={one}", *small], {}),
         ("model: folder missing", [f"model.name_or_path={root}/no-model"], {}),
         ("model: no tokenizer files", [f"model.name_or_path={bare}"], {}),
+        ("model: config.json not JSON", [f"model.name_or_path={broken['notjson']}"], {}),
+        ("model: config.json field of the wrong type",
+         [f"model.name_or_path={broken['wrongtype']}"], {}),
+        ("model: no weights", [f"model.name_or_path={broken['noweights']}"], {}),
+        ("model: pickle-only weights (code must not run)",
+         [f"model.name_or_path={broken['pickle']}"], {}),
+        ("model: weights do not fit the config", [f"model.name_or_path={broken['shapes']}"], {}),
         ("targets match no layer", ["methods.1.targets=[no_such_layer]"], {}),
         ("report folder not writable", ["report.output_dir=/proc/peft-bench"], {}),
         ("MLflow server unreachable", ["tracking.tracking_uri=http://u:pw@127.0.0.1:9"], {}),
@@ -179,6 +212,44 @@ def kill_and_resume(root: Path, cfg: dict) -> list[Row]:
                   message_of(out) if code else "resumed and finished", runs_by_status(work), 0,
                   "Traceback" in out)
     return [killed, resumed]
+
+
+def truncated_checkpoint(root: Path, cfg: dict) -> list[Row]:
+    """SIGKILL the CLI once two checkpoints exist, truncate the latest one's tensors, then
+    --resume: the damaged checkpoint is named and skipped for the previous one."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks import names
+
+    work = root / "truncated"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    cfg = json.loads(json.dumps(cfg).replace("@WORK@", str(work)))
+    cfg["training"].update(max_steps=400, checkpoint_every=20, checkpoint_dir=str(work / "ckpt"))
+    cfg["data"]["train_size"] = 400
+    (work / "c.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PEFT_BENCH_CACHE=str(work / "cache"), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([CLI, "run", str(work / "c.yaml")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while (len(list((work / "ckpt").glob("*/step-*/manifest.json"))) < 2
+           and proc.poll() is None and time.monotonic() < deadline):
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    run_dir = next(p.parent for p in (work / "ckpt").glob("*/latest"))
+    tensors = run_dir / (run_dir / "latest").read_text() / "trainable.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:tensors.stat().st_size // 2])
+    parent = next(iter(_running_parents(work)), "")
+    code, secs, out = run_cli(["run", "--resume", parent, "--set",
+                               f"tracking.tracking_uri=sqlite:///{work}/mlflow.db", "--set",
+                               "tracking.experiment=faults"], work)
+    run = MlflowClient(f"sqlite:///{work}/mlflow.db").get_run(run_dir.name)
+    note = run.data.tags.get(names.RESUME_NOTE, "(no resume note on the run)")
+    message = message_of(out) if code else note.replace(str(work) + "/", "")
+    return [Row("truncated checkpoint on resume", code, secs, message, runs_by_status(work), 0,
+                "Traceback" in out)]
 
 
 def _running_parents(work: Path) -> list[str]:
@@ -225,6 +296,8 @@ def main() -> None:
             print(f"  {name}: exit {rows[-1].code} in {rows[-1].seconds:.1f} s", flush=True)
     if args.only is None or "kill" in args.only:
         rows += kill_and_resume(root, cfg)
+    if args.only is None or "truncated" in args.only:
+        rows += truncated_checkpoint(root, cfg)
     if args.only is None or "concurrent" in args.only:
         rows.append(concurrent(root, cfg))
     print("\n| fault | exit | s to error | message | MLflow runs left | partial reports | traceback |")
