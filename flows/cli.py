@@ -30,12 +30,14 @@ def show_benchmark(tracking_uri: str, parent_run_id: str, baseline: Optional[str
     from tasks.report import get_parent
 
     client = MlflowClient(tracking_uri)
-    summary = summarize(client, get_parent(client, parent_run_id))
+    parent = get_parent(client, parent_run_id, "--parent run")
+    against_run = get_parent(client, baseline, "--baseline run") if baseline else None
+    summary = summarize(client, parent)  # both ids checked first: no table, then an error
     console.print(methods_table(summary))
     if (verdicts := verdicts_table(summary)) is not None:
         console.print(verdicts)
     if baseline:
-        check = check_against(client, summary, [get_parent(client, baseline)], RegressionConfig())
+        check = check_against(client, summary, [against_run], RegressionConfig())
         against = f"baseline run {baseline}"
     else:
         check = Check.from_json(summary.parent.data.tags.get(names.REGRESSIONS))
@@ -47,7 +49,7 @@ def show_benchmark(tracking_uri: str, parent_run_id: str, baseline: Optional[str
 def _fail(message: str, code: int = 2) -> None:
     from tasks.secrets import redact
 
-    console.print(f"[red]error:[/red] {redact(message)}", highlight=False)
+    console.print(f"[red]error:[/red] {redact(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -73,21 +75,31 @@ def run(config: Optional[Path] = typer.Argument(
     # MLflow's own logger setup would print its INFO lines to the console whatever we do later.
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     install_log_filter()
+    launch.on_sigterm()  # kill, systemd, Docker, Kubernetes: handled like Ctrl-C, exit 143
     selected = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     masked = launch.mask_overrides(set_)
-    try:  # everything that can be checked is checked before a server or a flow starts
-        cfg, as_dict = launch.load(config, set_, selected, resume)
-        launch.check_light(cfg)  # the output folder first: the run's log file goes there
-        quiet_other_libraries(run_log(cfg), verbose)
-        launch.check(cfg, lambda line: console.print(f"[yellow]{line}[/yellow]", highlight=False))
-        launch.server(server_timeout)
-    except launch.LaunchError as e:
-        _restore_logging()
-        _fail(str(e), code=e.code)
     try:
-        _run_flow(cfg, config, as_dict, masked, selected, resume, verbose)
-    finally:
-        _restore_logging()
+        try:  # everything that can be checked is checked before a server or a flow starts
+            cfg, as_dict = launch.load(config, set_, selected, resume)
+            launch.check_light(cfg)  # the output folder first: the run's log file goes there
+            quiet_other_libraries(run_log(cfg), verbose)
+            launch.check(cfg, lambda line: console.print(f"[yellow]{line}[/yellow]",
+                                                         highlight=False))
+            launch.server(server_timeout)
+        except launch.LaunchError as e:
+            _restore_logging()
+            _fail(str(e), code=e.code)
+        try:
+            _run_flow(cfg, config, as_dict, masked, selected, resume, verbose)
+        finally:
+            _restore_logging()
+    except BaseException as e:
+        from tasks.errors import stopped_by
+
+        if isinstance(e, typer.Exit) or (why := stopped_by(e)) is None:
+            raise
+        code = launch.EXIT_TERMINATED if getattr(e, "signal", None) else 130
+        _fail(f"{why}; its MLflow runs are marked FAILED", code=code)
 
 
 def _restore_logging() -> None:
@@ -164,14 +176,21 @@ def export(run_id: str = typer.Argument(..., help="a finished method run (child 
            out: Path = typer.Argument(..., help="folder to write"),
            merged: bool = typer.Option(False, help="write a plain transformers model with the "
                                                    "adapter merged in"),
+           force: bool = typer.Option(False, "--force", help="write into a non-empty folder "
+                                      "(only the files peft-bench writes are replaced)"),
            tracking_uri: Optional[str] = typer.Option(None, help="defaults to mlflow.yaml / env")) -> None:
     """Write a run's adapter in Hugging Face peft's layout (load it with
-    peft.PeftModel.from_pretrained), or with --merged an ordinary model."""
+    peft.PeftModel.from_pretrained), or with --merged an ordinary model. Exit 2 for an unknown
+    run id or a non-empty folder without --force, 1 if the run cannot be exported."""
     from tasks.export import ExportError, export_run
+    from tasks.outdir import DestinationError
+    from tasks.store import UnknownRun
 
     uri, _ = _tracking(tracking_uri, None)
     try:
-        path = export_run(uri, run_id, out, merged)
+        path = export_run(uri, run_id, out, merged, force)
+    except (UnknownRun, DestinationError) as e:
+        _fail(str(e))
     except ExportError as e:
         _fail(str(e), code=1)
     console.print(f"{'merged model' if merged else 'adapter'} written to {path}")
@@ -184,10 +203,13 @@ def promote(run_id: str = typer.Argument(..., help="a finished adapter run"),
             tracking_uri: Optional[str] = typer.Option(None, help="defaults to mlflow.yaml / env")) -> None:
     """Register a run's peft adapter as a new version of a registered model in MLflow."""
     from tasks.export import ExportError, promote as register
+    from tasks.store import UnknownRun
 
     uri, _ = _tracking(tracking_uri, None)
     try:
         version = register(uri, run_id, name, alias)
+    except UnknownRun as e:
+        _fail(str(e))
     except ExportError as e:
         _fail(str(e), code=1)
     console.print(f"registered {name} version {version}" + (f" as @{alias}" if alias else ""))
@@ -251,6 +273,7 @@ def compare(experiment: Optional[str] = typer.Option(None, help="MLflow experime
     """Print a benchmark's methods (mean ± 95% CI over seeds), its verdicts against the
     reference method and its regression check, read from MLflow."""
     from tasks.report import ReportError, latest_parent_run
+    from tasks.store import UnknownRun
 
     uri, exp = _tracking(tracking_uri, experiment)
     parent = parent or latest_parent_run(uri, exp)
@@ -258,6 +281,8 @@ def compare(experiment: Optional[str] = typer.Option(None, help="MLflow experime
         _fail(f"no benchmark runs in experiment {exp!r} at {uri}", code=1)
     try:
         show_benchmark(uri, parent, baseline)
+    except UnknownRun as e:
+        _fail(str(e))
     except ReportError as e:
         _fail(str(e), code=1)
 
@@ -266,12 +291,15 @@ def compare(experiment: Optional[str] = typer.Option(None, help="MLflow experime
 def report(parent_run_id: str = typer.Argument(..., help="the benchmark's parent run id"),
            out: Path = typer.Option(Path("reports"), help="output folder"),
            tracking_uri: Optional[str] = typer.Option(None, help="defaults to mlflow.yaml / env")) -> None:
-    """Rebuild a benchmark's report from MLflow."""
+    """Rebuild a benchmark's report from MLflow (exit 2 for an unknown run id)."""
     from tasks.report import generate_report
+    from tasks.store import UnknownRun
 
     uri, _ = _tracking(tracking_uri, None)
     try:
         result = generate_report(parent_run_id, uri, out)
+    except UnknownRun as e:
+        _fail(str(e))
     except Exception as e:  # noqa: BLE001 - any failure is reported, not traced
         _fail(str(e), code=1)
     console.print(f"report: {result.html_path}\n        {result.markdown_path}")

@@ -31,6 +31,32 @@ class LaunchError(Exception):
         self.code = code
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM in the CLI, raised in the main thread like Ctrl-C, so that everything that
+    cleans up after an interrupt (closing_run, Prefect's engine, the temporary server) does it
+    for SIGTERM too. Prefect's flow engine turns SIGTERM into its own TerminationSignal while a
+    flow runs and re-sends the signal to the handler it replaced (this one) once the flow run
+    is marked crashed; both end in the CLI's exit 143 (128 + 15, as a shell reports it)."""
+
+    def __init__(self, sig: int = 15):
+        super().__init__()
+        self.signal = sig
+
+
+EXIT_TERMINATED = 143
+
+
+def on_sigterm() -> None:
+    """Install the SIGTERM handler (main thread only, as Python requires)."""
+    import signal
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean-up must not be cut
+        raise Terminated(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def mask_overrides(overrides: list[str]) -> list[str]:
     """`key=value` overrides with credentials masked (they become flow parameters, stored by
     Prefect); this process remembers the real values."""
@@ -49,7 +75,13 @@ def resumed_config(parent_run_id: str, overrides: list[str]) -> dict:
     raw = {"tracking": tracking_from_files(Path("mlflow.yaml"))}
     tracking = build_config({**raw, "methods": [{"name": "x", "method": "full"}]}, "resume",
                             [o for o in overrides if o.startswith("tracking.")]).tracking
+    from tasks.store import UnknownRun, get_run
+
     client = MlflowClient(tracking.tracking_uri)
+    try:
+        get_run(client, parent_run_id, "--resume run")
+    except UnknownRun as e:
+        raise LaunchError(str(e), BAD_INPUT) from None
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = client.download_artifacts(parent_run_id, "config.yaml", tmp)

@@ -214,7 +214,10 @@ class RegressionConfig(_Strict):
 
 
 class BenchConfig(_Strict):
-    name: str = Field("benchmark", min_length=1)
+    # Any printable text (quotes, spaces, accents): it is an MLflow tag and run name, a
+    # Prefect flow-run name and a heading of the HTML report, never a file name. Control
+    # characters and padding are refused: they would not survive all of those.
+    name: str = Field("benchmark", min_length=1, max_length=200)
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     methods: list[MethodConfig] = Field(..., min_length=1)
@@ -227,6 +230,16 @@ class BenchConfig(_Strict):
     concurrency: ConcurrencyConfig = ConcurrencyConfig()
     regression: RegressionConfig = RegressionConfig()
     sweep: Optional[SweepConfig] = None
+
+    @field_validator("name")
+    @classmethod
+    def _printable_name(cls, v: str) -> str:
+        if not v.isprintable():
+            bad = next(c for c in v if not c.isprintable())
+            raise ValueError(f"holds the control character {bad!r}; use printable text")
+        if v != v.strip():
+            raise ValueError("starts or ends with white space")
+        return v
 
     @model_validator(mode="after")
     def _unique_names(self):

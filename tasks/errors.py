@@ -17,10 +17,28 @@ def where_raised(error: BaseException) -> str:
     return f"raised at {Path(f.filename).name}:{f.lineno} in {f.name}"
 
 
+def stopped_by(error: BaseException) -> str | None:
+    """The reason for a run stopped from outside: SIGTERM (Prefect's TerminationSignal and the
+    CLI's own, both carry `.signal`) or Ctrl-C; None for any other error."""
+    import signal
+
+    sig = getattr(error, "signal", None)
+    if isinstance(sig, int) and isinstance(error, BaseException):
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        return (f"terminated by {name}: stopped from outside (kill, systemd, Docker, "
+                "Kubernetes or a Prefect cancellation); resume it with `peft-bench run "
+                "--resume <parent run id>`")
+    if isinstance(error, KeyboardInterrupt) and not str(error):
+        return "interrupted (Ctrl-C); resume it with `peft-bench run --resume <parent run id>`"
+    return None
+
+
 def describe(error: BaseException, one_line: bool = False, limit: int = 5000) -> str:
     """`Type: message` (credentials masked); `Type (raised at file:line in function)` when
     the message is empty; the first line only with `one_line`."""
     try:
+        if (stop := stopped_by(error)) is not None:
+            return stop
         name = type(error).__name__
         text = redact(str(error)).strip()
         if not text:

@@ -112,4 +112,4 @@ def test_compare_and_report_errors(tmp_path):
     result = runner.invoke(app, ["compare", "--tracking-uri", uri, "--experiment", "nothing"])
     assert result.exit_code == 1 and "no benchmark runs in experiment 'nothing'" in result.output
     result = runner.invoke(app, ["report", "0123abc", "--tracking-uri", uri])
-    assert result.exit_code == 1 and "0123abc" in result.output
+    assert result.exit_code == 2 and "0123abc" in result.output  # bad input (tests/test_hostile)

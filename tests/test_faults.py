@@ -145,6 +145,42 @@ def test_killed_cli_is_closed_and_resumes_to_identical_results(prefect_harness, 
     assert not any(ckpt.iterdir())  # checkpoints deleted once the runs finished
 
 
+def test_sigterm_ends_the_cli_143_with_every_run_failed_and_its_server_stopped(
+        prefect_harness, tmp_path, tiny_model_dir, sst2_dir):
+    """SIGTERM (kill, systemd, Docker, Kubernetes, a Prefect cancellation) mid-training is
+    handled like Ctrl-C: the runs end FAILED with the reason, the temporary server is stopped,
+    the exit is 143 (it was -15, the runs closed only by whoever came next)."""
+    cfg = _resume_config(tmp_path, tiny_model_dir, sst2_dir, "mlflow.db")
+    uri, ckpt = cfg["tracking"]["tracking_uri"], tmp_path / "ckpt"
+    cfg["methods"] = cfg["methods"][1:]  # LoRA only: it must be training when the signal comes
+    cfg["training"]["max_steps"] = 100000
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen(_cli("run", str(tmp_path / "run.yaml")), cwd=ROOT,
+                            env=_cli_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:  # the event: a LoRA checkpoint exists, so LoRA is training
+        deadline = time.monotonic() + ceiling(240)
+        while not _lora_checkpointed(ckpt, uri) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the run ended before the signal"
+            time.sleep(0.2)
+        assert _lora_checkpointed(ckpt, uri), "LoRA never checkpointed"
+        servers = [json.loads(p.read_text()) for p in (tmp_path / "cache/servers").glob("*.json")]
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=ceiling(120))
+    finally:
+        if proc.poll() is None:  # a hang: nothing of it may outlive the test
+            kill_all([psutil.Process(proc.pid)])
+            proc.communicate()
+    assert proc.returncode == 143, output[-3000:]
+    assert "terminated by SIGTERM" in output and "Traceback" not in output, output[-3000:]
+    runs = {r.data.tags.get("peft_bench.method", "parent"): r for r in _runs(uri, "ci")}
+    assert {r.info.status for r in runs.values()} <= {"FINISHED", "FAILED"}
+    for who in ("parent", "lora"):
+        assert runs[who].info.status == "FAILED", who
+        assert "terminated by SIGTERM" in runs[who].data.tags["peft_bench.error"], who
+    assert len(servers) == 1 and _gone(servers[0]["pid"])
+
+
 # ------------------------------------------------------------------ concurrent first runs
 def test_two_first_runs_at_once_on_a_new_sqlite_store(tmp_path, tiny_model_dir, sst2_dir):
     cfg = make_bench_config(tmp_path, tiny_model_dir, sst2_dir)
