@@ -89,7 +89,8 @@ def _merged(cfg: BenchConfig, method: MethodConfig, adapter: Path, out: Path) ->
     heads = [t for k, t in load_file(str(next(adapter.glob("*.safetensors")))).items()
              if k.endswith(("score.weight", "classifier.weight", "classifier.out_proj.weight"))]
     num_labels = heads[0].shape[0] if heads else 2
-    model = load_model(cfg.model, method, num_labels, tokenizer.pad_token_id, torch.device("cpu"))
+    model = load_model(cfg.model, method, num_labels, tokenizer.pad_token_id, torch.device("cpu"),
+                       label_names=_label_names(adapter, num_labels))
     if method.method == "full":
         pm.load_adapter(model, adapter)
     else:
@@ -98,6 +99,18 @@ def _merged(cfg: BenchConfig, method: MethodConfig, adapter: Path, out: Path) ->
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def _label_names(adapter: Path, num_labels: int) -> Optional[list[str]]:
+    """The class names a run trained on (the adapter folder's config.json, written when the
+    labels were names), so a merged model says `positive`, not `LABEL_1`."""
+    import json
+
+    try:
+        id2label = json.loads((adapter / "config.json").read_text(encoding="utf-8"))["id2label"]
+        return [id2label[str(i)] for i in range(num_labels)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def promote(tracking_uri: str, run_id: str, name: str, alias: Optional[str] = None) -> str:

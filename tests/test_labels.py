@@ -321,3 +321,9 @@ def test_a_cli_run_on_class_names(prefect_harness, tmp_path, tiny_model_dir, sst
     assert preds["label_name"].tolist() == [n for _, n in rows[:9]]
     assert (preds["label"].map(dict(enumerate(THREE))) == preds["label_name"]).all()
     assert (preds["prediction"].map(dict(enumerate(THREE))) == preds["pred_name"]).all()
+    merged = tmp_path / "merged"  # export --merged: the plain model keeps the names too
+    out = CliRunner().invoke(app, ["export", child.info.run_id, str(merged), "--merged",
+                                   "--tracking-uri", cfg["tracking"]["tracking_uri"]])
+    assert out.exit_code == 0, out.output
+    config = json.loads((merged / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
