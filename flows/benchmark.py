@@ -18,7 +18,7 @@ from transformers import AutoConfig
 from flows.finetune import finetune, prefect_tags
 from flows.jobs import Job, final_jobs
 from flows.sweeping import run_grid
-from tasks import names, progress, tracking
+from tasks import outage, names, progress, tracking
 from tasks.conclude import conclude_task
 from tasks.config import (BenchConfig, ConfigError, build_config, fingerprint, load_config,
                           public_dump, revealed)
@@ -127,6 +127,9 @@ def run_local(cfg: BenchConfig, jobs: list[Job]) -> dict[str, str]:
             states[job.key] = state.type.value
             if not state.is_completed():
                 get_run_logger().error("%s failed: %s", job.key, state.message)
+                error = state.result(raise_on_failure=False)
+                if isinstance(error, BaseException) and (down := outage.lost(cfg.tracking, error)):
+                    raise down  # the store is gone: the next jobs could not log either
     return states
 
 

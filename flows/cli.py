@@ -113,6 +113,7 @@ def _run_flow(cfg, config: Optional[Path], as_dict: Optional[dict], masked: list
               selected: Optional[list[str]], resume: Optional[str], verbose: bool = False) -> None:
     from flows import console as quiet
     from flows.benchmark import AllRunsFailed, RegressionError, benchmark
+    from tasks.outage import StoreUnreachable
     from tasks.config import public_dump
     from tasks.secrets import redact
 
@@ -131,6 +132,8 @@ def _run_flow(cfg, config: Optional[Path], as_dict: Optional[dict], masked: list
         result, regressed = e.result, True
     except AllRunsFailed as e:
         _fail(f"{e}; see the report and `peft-bench compare`", code=1)
+    except StoreUnreachable as e:
+        _fail(str(e), code=4)
     except (ValueError, ConnectionError) as e:  # checks the flow repeats for deployments
         _fail(redact(str(e)))
     _keep_log(cfg, result["parent_run_id"], log_file)

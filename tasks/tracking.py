@@ -20,7 +20,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
-from tasks import names, store
+from tasks import names, outage, store
 from tasks.config import BenchConfig, TrackingConfig, public_dump
 from tasks.errors import describe
 from tasks.model_source import pinned_digest
@@ -120,6 +120,7 @@ class MetricBuffer:
         self.run_id, self.tracking = run_id, tracking
         self.max_items, self.max_age_ms = max_items, max_age_s * 1000
         self.items: list[Metric] = []
+        self.down = False  # the server was lost: the `finally` flush must not wait again
 
     def add(self, metrics: dict[str, float], step: int) -> None:
         now = get_current_time_millis()
@@ -129,8 +130,16 @@ class MetricBuffer:
             self.flush()
 
     def flush(self) -> None:
+        if self.down and not outage.reachable_now(self.tracking):
+            return
         if self.items:
-            client(self.tracking).log_batch(self.run_id, metrics=self.items)
+            try:  # MLflow's client retries for about a minute (tasks/outage.py): a short outage passes
+                client(self.tracking).log_batch(self.run_id, metrics=self.items)
+            except Exception as e:
+                if (down := outage.lost(self.tracking, e)) is not None:
+                    self.down = True
+                    raise down from e
+                raise
             self.items = []
 
 
@@ -169,6 +178,10 @@ def fail_run(tracking: TrackingConfig, run_id: str, why: str) -> None:
 
 
 def end_run(tracking: TrackingConfig, run_id: str, error: Optional[BaseException] = None) -> None:
+    """FINISHED, or FAILED with the reason; after an outage only if the server is back (else
+    the run is left to the next start's stale-run check, and the exit comes in bounded time)."""
+    if outage.caused_by_outage(error) and not outage.reachable_now(tracking):
+        return
     if error is not None:
         fail_run(tracking, run_id, describe(error))
     else:
