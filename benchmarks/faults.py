@@ -1,5 +1,5 @@
-"""The fault suite: every fault of issue #8 and the input errors that already worked, each run
-through the real CLI in a subprocess, in one table:
+"""The fault suite: every fault of issues #8 and #16 and the input errors that already worked,
+each run through the real CLI in a subprocess, in one table:
 
     fault | exit | seconds to the error | message (first line) | MLflow runs left by status |
     partial reports | traceback shown
@@ -289,8 +289,11 @@ def main() -> None:
     model = make_tiny_model(root / "tiny", Path(args.data), vocab_size=512, n_layer=2, n_embd=32,
                             n_head=2, max_train_lines=5000)
     cfg = base_config(Path("@WORK@"), model, Path(args.data))
+    from benchmarks import faults_hostile as hostile
+
     rows = []
-    for i, (name, sets, env) in enumerate(simple_cases(root, model, Path(args.data))):
+    cases = simple_cases(root, model, Path(args.data)) + hostile.data_cases(root)
+    for i, (name, sets, env) in enumerate(cases):
         if args.only is None or args.only in name:
             rows.append(case(root / f"w{i}", cfg, name, sets, env))
             print(f"  {name}: exit {rows[-1].code} in {rows[-1].seconds:.1f} s", flush=True)
@@ -300,6 +303,12 @@ def main() -> None:
         rows += truncated_checkpoint(root, cfg)
     if args.only is None or "concurrent" in args.only:
         rows.append(concurrent(root, cfg))
+    if args.only is None or "name" in args.only or "id" in args.only:
+        rows += hostile.quoted_name_and_ids(root, cfg)
+    if args.only is None or "SIGTERM" in args.only:
+        rows.append(hostile.sigterm(root, cfg))
+    if args.only is None or "server" in args.only:
+        rows += hostile.server_outage(root, cfg)
     print("\n| fault | exit | s to error | message | MLflow runs left | partial reports | traceback |")
     print("|---|---:|---:|---|---|---:|---|")
     for r in rows:
