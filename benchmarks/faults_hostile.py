@@ -40,7 +40,7 @@ def _work(root: Path, name: str, cfg: dict) -> tuple[Path, dict, dict]:
     work.mkdir(parents=True)
     cfg = json.loads(json.dumps(cfg).replace("@WORK@", str(work)))
     (work / "c.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
-    env = {"PEFT_BENCH_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1"}
+    env: dict = {}  # run_cli adds the cache folder and offline flags; _env does for Popen
     return work, cfg, env
 
 
@@ -97,7 +97,7 @@ def sigterm(root: Path, cfg: dict) -> Row:
     cfg["training"].update(max_steps=100000, checkpoint_every=10, checkpoint_dir=str(work / "ck"))
     (work / "c.yaml").write_text(yaml.safe_dump(cfg))
     t0 = time.perf_counter()
-    proc = subprocess.Popen([CLI, "run", str(work / "c.yaml")], cwd=ROOT, env=_env(env),
+    proc = subprocess.Popen([CLI, "run", str(work / "c.yaml")], cwd=ROOT, env=_env(env, work),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _until(lambda: bool(list((work / "ck").glob("*/latest"))), proc)
     proc.send_signal(signal.SIGTERM)
@@ -106,11 +106,11 @@ def sigterm(root: Path, cfg: dict) -> Row:
                message_of(out), runs_by_status(work), 0, "Traceback" in out)
 
 
-def _env(extra: dict) -> dict:
+def _env(extra: dict, work: Path) -> dict:
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    return {**env, **extra}
+    return {**env, **extra, "PEFT_BENCH_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1"}
 
 
 def server_outage(root: Path, cfg: dict) -> list[Row]:
@@ -131,7 +131,7 @@ def server_outage(root: Path, cfg: dict) -> list[Row]:
             cfg2["tracking"]["tracking_uri"] = server.url
             (work / "c.yaml").write_text(yaml.safe_dump(cfg2))
             proc = subprocess.Popen([CLI, "run", str(work / "c.yaml")], cwd=ROOT,
-                                    env=_env(env), stdout=subprocess.PIPE,
+                                    env=_env(env, work), stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True)
             _until(lambda: _has_loss(server.url), proc)
             stack.stop_procs([server])
@@ -144,7 +144,7 @@ def server_outage(root: Path, cfg: dict) -> list[Row]:
             if not comes_back:
                 servers.append(stack.start_mlflow_server(work / "stack", port=server.port))
                 subprocess.run([CLI, "close-stale", "--tracking-uri", server.url,
-                                "--experiment", "faults"], cwd=ROOT, env=_env(env),
+                                "--experiment", "faults"], cwd=ROOT, env=_env(env, work),
                                capture_output=True, timeout=600)
             after = "" if comes_back else " (after close-stale, the server back)"
             rows.append(Row(f"{label} (s: from the stop to the exit)", proc.returncode, secs,
