@@ -155,16 +155,23 @@ def _check_formats(path: Path) -> None:
         raise Unusable(f"{path / PROGRESS}: not readable JSON ({e})") from None
 
 
-def verify(path: Path) -> None:
+def verify(path: Path) -> Optional[str]:
     """The checkpoint is complete and unchanged since it was written: its manifest is there,
-    every file in it has the recorded size and SHA-256, and the files parse. Raises Unusable."""
+    every file in it has the recorded size and SHA-256, and the files parse. Raises Unusable.
+    A `step-N` folder without a manifest was written by a peft-bench from before manifests
+    (this one writes it before the folder gets its name): accepted when its files parse, and
+    the returned note says that their digests could not be checked."""
     if not path.is_dir():
         raise Unusable(f"{path}: missing")
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
-        raise Unusable(f"{path / MANIFEST}: missing (the checkpoint was never completed)") \
-            from None
+        for name in (TENSORS, STATE, PROGRESS):
+            if not (path / name).is_file():
+                raise Unusable(f"{path / name}: missing") from None
+        _check_formats(path)
+        return (f"{path} was written by an earlier peft-bench, without a manifest: its files "
+                "parse (safetensors header, zip CRCs, JSON) but their digests were not checked")
     except (OSError, ValueError) as e:
         raise Unusable(f"{path / MANIFEST}: not readable JSON ({e})") from None
     for name in (TENSORS, STATE, PROGRESS):
@@ -178,6 +185,7 @@ def verify(path: Path) -> None:
             raise Unusable(f"{f}: its SHA-256 differs from the manifest's (the file changed "
                            "after it was written)")
     _check_formats(path)
+    return None
 
 
 def _candidates(folder: Path) -> Iterator[Path]:
@@ -201,14 +209,16 @@ def restore(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, sched,
     folder, skipped = Path(folder), []
     for path in _candidates(folder):
         try:
-            verify(path)
+            legacy = verify(path)
         except Unusable as e:
             skipped.append(str(e))
             continue
         restored = _load(path, model, opt, sched, device)
-        if skipped:
-            restored.note = (f"checkpoint skipped on resume: {'; '.join(skipped)}. Resumed "
-                             f"from the earlier {path.name} instead")
+        notes = [f"checkpoint skipped on resume: {'; '.join(skipped)}. Resumed from the "
+                 f"earlier {path.name} instead"] if skipped else []
+        if legacy:
+            notes.append(legacy)
+        restored.note = "; ".join(notes) or restored.note
         return restored
     if not skipped:
         return None

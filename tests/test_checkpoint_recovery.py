@@ -151,12 +151,25 @@ def test_a_changed_or_incomplete_checkpoint_is_named(tmp_path):
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, other bytes
     state.write_bytes(bytes(data))
-    (tmp_path / "step-2" / "manifest.json").unlink()
+    _truncate(tmp_path / "step-2" / "trainable.safetensors")
+    (tmp_path / "step-2" / "manifest.json").unlink()  # and no manifest to say so
     back, _, _ = _restore(tmp_path)
     assert back.progress.step == 1
     assert f"{state}: its SHA-256 differs from the manifest's" in back.note
-    assert f"{tmp_path / 'step-2' / 'manifest.json'}: missing (the checkpoint was never " \
-           "completed)" in back.note
+    assert f"{tmp_path / 'step-2' / 'trainable.safetensors'}: not a readable safetensors" \
+        in back.note
+
+
+def test_a_checkpoint_from_before_manifests_is_resumed_with_a_note(tmp_path):
+    """An earlier peft-bench wrote no manifest (its `latest` moved only once a checkpoint was
+    whole): one whose files parse is resumed, and the note says its digests were unchecked."""
+    seen = _train(tmp_path, 3, keep=2)
+    (tmp_path / "step-3" / "manifest.json").unlink()
+    back, model, _ = _restore(tmp_path)
+    assert back.progress.step == 3
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in seen[3].items())
+    assert f"{tmp_path / 'step-3'} was written by an earlier peft-bench, without a manifest" \
+        in back.note
 
 
 def test_all_checkpoints_bad_restarts_from_step_0_with_a_note(tmp_path):
