@@ -102,8 +102,8 @@ def case(work: Path, cfg: dict, name: str, sets: list[str], env: dict | None = N
     code, secs, out = run_cli(args, work, env)
     reports = work / "reports"
     partial = len([p for p in reports.iterdir() if p.name.startswith(".")]) if reports.exists() else 0
-    return Row(name, code, secs, message_of(out), runs_by_status(work), partial,
-               "Traceback" in out)
+    return Row(name, code, secs, message_of(out) if code else "finished", runs_by_status(work),
+               partial, "Traceback" in out)
 
 
 def write_data(folder: Path, train: str, validation: str) -> Path:

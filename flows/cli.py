@@ -47,7 +47,12 @@ def show_benchmark(tracking_uri: str, parent_run_id: str, baseline: Optional[str
 
 
 def _fail(message: str, code: int = 2) -> None:
+    import sys
+
     from tasks.secrets import redact
+
+    if "tasks.progress" in sys.modules:  # the error on a line of its own, not after a bar
+        sys.modules["tasks.progress"].close_all()
 
     console.print(f"[red]error:[/red] {redact(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)

@@ -49,6 +49,15 @@ def close_overall() -> None:
         _overall = None
 
 
+def close_all() -> None:
+    """Every bar still drawn, closed (a run that failed mid-training leaves its own open), so
+    an error line that follows starts on a line of its own, not after a bar's last frame."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        if bar is not _overall:  # the run bars first: they clear their line and move up
+            bar.close()
+    close_overall()  # then the overall bar: its last frame stays, and a new line begins
+
+
 def run_bar(total: int, initial: int, desc: str) -> tqdm:
     """The bar of the run in training, under the overall one when there is one."""
     return tqdm(total=total, initial=initial, desc=desc, leave=False, mininterval=1.0,
