@@ -71,7 +71,8 @@ def run(config: Optional[Path] = typer.Argument(
                                      help="show every library's log lines, not only ours")) -> None:
     """Run a benchmark: every method under every seed, then the report. Exit 1 if a run
     failed, 2 on bad input, 3 if a regression was flagged with regression.fail_on_regression,
-    4 if the MLflow store or the Prefect server cannot be reached or started."""
+    4 if the MLflow store or the Prefect server cannot be reached or started (or the MLflow
+    server goes away mid-run), 143 on SIGTERM, 130 on Ctrl-C."""
     import os
 
     from flows import launch
@@ -80,7 +81,7 @@ def run(config: Optional[Path] = typer.Argument(
     # MLflow's own logger setup would print its INFO lines to the console whatever we do later.
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     install_log_filter()
-    launch.on_sigterm()  # kill, systemd, Docker, Kubernetes: handled like Ctrl-C, exit 143
+    previous = launch.on_sigterm()  # kill, systemd, Docker, Kubernetes: like Ctrl-C, exit 143
     selected = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     masked = launch.mask_overrides(set_)
     try:
@@ -105,6 +106,10 @@ def run(config: Optional[Path] = typer.Argument(
             raise
         code = launch.EXIT_TERMINATED if getattr(e, "signal", None) else 130
         _fail(f"{why}; its MLflow runs are marked FAILED", code=code)
+    finally:
+        import signal
+
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _restore_logging() -> None:

@@ -46,15 +46,16 @@ class Terminated(KeyboardInterrupt):
 EXIT_TERMINATED = 143
 
 
-def on_sigterm() -> None:
-    """Install the SIGTERM handler (main thread only, as Python requires)."""
+def on_sigterm():
+    """Install the SIGTERM handler (main thread only, as Python requires); returns the one it
+    replaced, for the caller to put back (the CLI may run inside another program, e.g. tests)."""
     import signal
 
     def handler(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean-up must not be cut
         raise Terminated(signum)
 
-    signal.signal(signal.SIGTERM, handler)
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def mask_overrides(overrides: list[str]) -> list[str]:
