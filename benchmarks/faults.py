@@ -180,10 +180,9 @@ def simple_cases(root: Path, model: Path, data: Path) -> list[tuple[str, list[st
     ]
 
 
-def kill_and_resume(root: Path, cfg: dict) -> list[Row]:
-    """SIGKILL the CLI mid-training; then the next start closes the stale runs and
-    --resume finishes them."""
-    work = root / "kill"
+def checkpointed_run(work: Path, cfg: dict) -> tuple[dict, dict]:
+    """A fresh `work` folder with a 400-step config that checkpoints every 20 steps (c.yaml),
+    and the environment to run the CLI on it."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     cfg = json.loads(json.dumps(cfg).replace("@WORK@", str(work)))
@@ -192,6 +191,14 @@ def kill_and_resume(root: Path, cfg: dict) -> list[Row]:
     (work / "c.yaml").write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PEFT_BENCH_CACHE=str(work / "cache"), HF_HUB_OFFLINE="1")
+    return cfg, env
+
+
+def kill_and_resume(root: Path, cfg: dict) -> list[Row]:
+    """SIGKILL the CLI mid-training; then the next start closes the stale runs and
+    --resume finishes them."""
+    work = root / "kill"
+    cfg, env = checkpointed_run(work, cfg)
     t0 = time.perf_counter()
     proc = subprocess.Popen([CLI, "run", str(work / "c.yaml")], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -222,14 +229,7 @@ def truncated_checkpoint(root: Path, cfg: dict) -> list[Row]:
     from tasks import names
 
     work = root / "truncated"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    cfg = json.loads(json.dumps(cfg).replace("@WORK@", str(work)))
-    cfg["training"].update(max_steps=400, checkpoint_every=20, checkpoint_dir=str(work / "ckpt"))
-    cfg["data"]["train_size"] = 400
-    (work / "c.yaml").write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(PEFT_BENCH_CACHE=str(work / "cache"), HF_HUB_OFFLINE="1")
+    cfg, env = checkpointed_run(work, cfg)
     proc = subprocess.Popen([CLI, "run", str(work / "c.yaml")], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
