@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.faults import CLI, ROOT, Row, message_of, run_cli, runs_by_status, write_data
+from tasks import names
 
 NAME = 'o\'brien\'s "nightly"'
 
@@ -58,8 +59,8 @@ def quoted_name_and_ids(root: Path, cfg: dict) -> list[Row]:
 
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
-    child = next(r.info.run_id for r in runs if r.data.tags.get("peft_bench.method") == "lora"
-                 and r.data.tags.get("peft_bench.role") == "child")
+    child = next(r.info.run_id for r in runs if r.data.tags.get(names.METHOD) == "lora"
+                 and r.data.tags.get(names.ROLE) == names.ROLE_CHILD)
     unknown, t = "0123456789abcdef0123456789abcdef", ["--tracking-uri", uri]
     for label, args in (("report", ["report", unknown, *t]),
                         ("export", ["export", unknown, str(work / "e"), *t]),
@@ -159,7 +160,7 @@ def _has_loss(url: str) -> bool:
     from mlflow.tracking import MlflowClient
 
     exp = MlflowClient(url).get_experiment_by_name("faults")
-    return exp is not None and any("train/loss" in r.data.metrics for r in
+    return exp is not None and any(names.TRAIN_LOSS in r.data.metrics for r in
                                    MlflowClient(url).search_runs([exp.experiment_id]))
 
 
