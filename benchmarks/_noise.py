@@ -4,7 +4,7 @@ interval for ratios, the load other processes put on the machine, and consistenc
 A figure without its spread invites reading noise as a result. Every benchmark here measures in
 interleaved rounds, prints each figure as its median with the inter-quartile range, a ratio of
 medians with a seeded bootstrap 95% interval, and the CPU share other processes took meanwhile
-(`tasks.machine_load`). When the spread or the outside load is too large, or the figures
+(`tasks.training.machine_load`). When the spread or the outside load is too large, or the figures
 contradict each other (an adapter faster than the same model without one), `Checks.verdict`
 prints WARNING lines instead of a verdict.
 
@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import stats
 
-from tasks.machine_load import DEFAULT_THRESHOLD, LoadReading
+from tasks.training.machine_load import DEFAULT_THRESHOLD, LoadReading
 
 # Above this inter-quartile range / median a median is too wobbly to carry a verdict: most
 # targets here are 10-20% apart from the alternative they are compared with.

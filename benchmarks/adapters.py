@@ -11,7 +11,7 @@ Weights are random (no hub here): speed and memory do not depend on them.
 
 Noise: each time is printed as median [inter-quartile range] over the interleaved steps, each
 ratio with a seeded bootstrap 95% interval, with the CPU share other processes took while the
-steps ran (`tasks.machine_load`). The verdicts on the targets give way to WARNING lines when a
+steps ran (`tasks.training.machine_load`). The verdicts on the targets give way to WARNING lines when a
 spread or the outside load is too large, or when an adapter comes out faster than the floor
 (the same model without adapter) beyond noise, which no correct measurement can show.
 """
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._noise import Checks, describe_load, ratio_of_medians, spread, target_verdict  # noqa: E402
-from tasks.machine_load import LoadReading, MachineLoad  # noqa: E402
+from tasks.training.machine_load import LoadReading, MachineLoad  # noqa: E402
 
 SHAPES = {"tiny": dict(n_layer=2, n_embd=256, n_head=4),  # a smoke test of the script
           "small": dict(n_layer=12, n_embd=768, n_head=12),
@@ -129,7 +129,7 @@ def child_time(args) -> dict:
 def child_mem(args) -> dict:
     """One implementation alone: peak memory above the loaded model over a few steps (the
     first step allocates AdamW's state)."""
-    from tasks.memory import PeakMemory
+    from tasks.training.memory import PeakMemory
     torch.set_num_threads(args.threads)
     model, opt = setup(args, args.impl)
     step = make_step(args, model, opt)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from tasks import names  # noqa: E402
+from tasks.common import names  # noqa: E402
 
 
 def dead_owner() -> str:
@@ -108,7 +108,7 @@ def commands(work: Path, parent: str, uri: str) -> dict[str, list[str]]:
 
 def measure(work: Path, parent: str, uri: str, env: dict) -> dict[str, tuple[float, str]]:
     out = {name: timed(args, env, work) for name, args in commands(work, parent, uri).items()}
-    from tasks import regression
+    from tasks.analysis import regression
 
     client = MlflowClient(uri)
     t0 = time.perf_counter()
@@ -148,7 +148,7 @@ def main() -> None:
         timed(["run", str(work / "bench.yaml")], env, work)
     client = MlflowClient(uri)
     eid = client.get_experiment_by_name("big").experiment_id
-    from tasks import store
+    from tasks.tracking import store
 
     parent = store.parents(client, eid, benchmark="nightly")[0]
     small = measure(work, parent.info.run_id, uri, env)

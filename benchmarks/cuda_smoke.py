@@ -2,8 +2,8 @@
 
     python benchmarks/cuda_smoke.py [--data ../shared/data/sst2] [--steps 20] [--out FILE]
 
-Builds the tiny GPT-2-style model (`tasks.tiny_model`), then for each method loads it as the
-pipeline does (`tasks.model.load_model`: float for full/LoRA/DoRA, bitsandbytes NF4 on the GPU for
+Builds the tiny GPT-2-style model (`tasks.models.tiny`), then for each method loads it as the
+pipeline does (`tasks.load.load_model`: float for full/LoRA/DoRA, bitsandbytes NF4 on the GPU for
 QLoRA), injects adapters (`peft_modules.inject_adapters`), trains a few steps with
 `tasks.train.train_model` (bf16 autocast) and evaluates with `tasks.evaluate.evaluate_model`.
 Prints a Markdown table: steps/s, peak GPU memory (`torch.cuda.max_memory_allocated`, load
@@ -51,11 +51,11 @@ def bnb_cuda_problem() -> str | None:
 
 def run_method(name: str, model_dir: str, data, steps: int, device: torch.device) -> dict:
     import peft_modules as pm
-    from tasks.config import MethodConfig, ModelConfig, TrainingConfig
+    from tasks.config.schema import MethodConfig, ModelConfig, TrainingConfig
     from tasks.evaluate import evaluate_model
-    from tasks.memory import PeakMemory
-    from tasks.model import load_model
+    from tasks.load import load_model
     from tasks.train import train_model
+    from tasks.training.memory import PeakMemory
 
     compute = "bfloat16" if device.type == "cuda" else "float32"
     method = MethodConfig(name=name, method=name, rank=8, alpha=16, targets=["c_attn"],
@@ -102,9 +102,9 @@ def main(args) -> int:
 
     hf_logging.set_verbosity_error()  # each load would print a report on the fresh score head
     hf_logging.disable_progress_bar()
-    from tasks.config import DataConfig
-    from tasks.data import tokenize_splits
-    from tasks.tiny_model import make_tiny_model
+    from tasks.config.schema import DataConfig
+    from tasks.models.tiny import make_tiny_model
+    from tasks.prepare import tokenize_splits
 
     methods = [m for m in args.methods.split(",") if m]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (fp32, no autocast)"

@@ -226,7 +226,7 @@ def truncated_checkpoint(root: Path, cfg: dict) -> list[Row]:
     --resume: the damaged checkpoint is named and skipped for the previous one."""
     from mlflow.tracking import MlflowClient
 
-    from tasks import names
+    from tasks.common import names
 
     work = root / "truncated"
     cfg, env = checkpointed_run(work, cfg)
@@ -283,7 +283,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2"))
     ap.add_argument("--only", default=None, help="run the faults whose name contains this")
     args = ap.parse_args()
-    from tasks.tiny_model import make_tiny_model
+    from tasks.models.tiny import make_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="peft-bench-faults-"))
     model = make_tiny_model(root / "tiny", Path(args.data), vocab_size=512, n_layer=2, n_embd=32,

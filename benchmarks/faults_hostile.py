@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.faults import CLI, ROOT, Row, message_of, run_cli, runs_by_status, write_data
-from tasks import names
+from tasks.common import names
 
 NAME = 'o\'brien\'s "nightly"'
 
@@ -117,8 +117,9 @@ def _env(extra: dict, work: Path) -> dict:
 def server_outage(root: Path, cfg: dict) -> list[Row]:
     """A real `mlflow server`: stopped 20 s mid-training then restarted (the run finishes);
     stopped for good (exit 4, in bounded time), then `close-stale` once it is back."""
-    from flows import stack
     from mlflow.tracking import MlflowClient
+
+    from flows.infra import stack
 
     rows = []
     for label, comes_back in (("MLflow server away 20 s mid-training", True),

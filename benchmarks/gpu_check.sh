@@ -77,7 +77,7 @@ say "## (a) adapters.py --shape large --dtype bfloat16 --device cuda"
 say ""
 if ! py_ok "import peft"; then
     say "peft not installed: skipping (a) (it compares our adapters with peft's)"
-elif ! py_ok "import peft_modules, benchmarks._noise, tasks.machine_load"; then
+elif ! py_ok "import peft_modules, benchmarks._noise, tasks.training.machine_load"; then
     say "the project's dependencies are missing (import peft_modules/_noise failed): skipping (a)"
 else
     METHODS=lora,dora,qlora
@@ -110,9 +110,9 @@ if [ ! -f "$DATA/train.tsv" ] || [ ! -f "$DATA/validation.tsv" ]; then
 fi
 if [ ! -f "$DATA/train.tsv" ]; then
     say "no data: skipping (b)"
-elif ! py_ok "import tasks.train, tasks.evaluate, tasks.data, tasks.model"; then
+elif ! py_ok "import tasks.train, tasks.evaluate, tasks.prepare, tasks.load"; then
     say "the pipeline's dependencies are missing: skipping (b):"
-    "$PYTHON" -c "import tasks.train, tasks.evaluate, tasks.data, tasks.model" 2>&1 | tail -n 1 \
+    "$PYTHON" -c "import tasks.train, tasks.evaluate, tasks.prepare, tasks.load" 2>&1 | tail -n 1 \
         | sed 's/^/    /' | tee -a "$SUMMARY"
 else
     if timeout 110 "$PYTHON" benchmarks/cuda_smoke.py --data "$DATA" --steps 20 \

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks._noise import Checks, Spread, describe_load, spread  # noqa: E402
-from tasks.machine_load import LoadReading, MachineLoad  # noqa: E402
+from tasks.training.machine_load import LoadReading, MachineLoad  # noqa: E402
 
 TARGET_S = 5.0       # warm (issue #11)
 COLD_TARGET_S = 10.0  # the first run, data tokenised
@@ -58,7 +58,7 @@ def run_flow(api_url: str, config: str, rounds: int, overrides: list[str],
 
 def method_seconds(tracking_uri: str, parent: str) -> dict[str, dict[str, float]]:
     """(method, seed) -> its own train and eval seconds, read back from MLflow."""
-    from tasks import names
+    from tasks.common import names
     from tasks.report import child_runs
     keys = (names.TRAIN_TIME, names.PERIODIC_EVAL_TIME, names.EVAL_TIME)
     return {f"{r.data.tags[names.METHOD]}/seed={r.data.tags.get(names.SEED)}":
@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="warm runs after the cold one")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    from flows.stack import prefect_env, start_prefect_server, stop_procs
+    from flows.infra.stack import prefect_env, start_prefect_server, stop_procs
     with tempfile.TemporaryDirectory() as tmp:
         server = start_prefect_server(Path(tmp), port=0, ui=False)
         try:

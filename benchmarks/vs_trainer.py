@@ -3,8 +3,8 @@
     python benchmarks/vs_trainer.py [--model PATH] [--rounds 3] [--steps 30] [--batch-size 16]
                                     [--group-by-length]
 
-The same on both sides: the model (loaded by `tasks.model.load_model`), the SST-2 rows
-(`tasks.data.tokenize_splits`), the batch size, the collator (`tasks.collate.Collator`: right
+The same on both sides: the model (loaded by `tasks.load.load_model`), the SST-2 rows
+(`tasks.prepare.tokenize_splits`), the batch size, the collator (`tasks.data.collate.Collator`: right
 padding), the optimiser and schedule (AdamW over `tasks.train.param_groups`, so weight decay on
 matrices only, and `get_scheduler` linear with the same warmup, both built here and handed to
 Trainer), clipping, fp32 on the CPU, the thread count, the seed and the number of steps. Full
@@ -40,9 +40,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from benchmarks._noise import (Checks, describe_load, ratio_of_medians, spread,  # noqa: E402
-                               target_verdict)
-from tasks.machine_load import LoadReading, MachineLoad  # noqa: E402
+from benchmarks._noise import Checks, describe_load, ratio_of_medians, spread, target_verdict  # noqa: E402
+from tasks.training.machine_load import LoadReading, MachineLoad  # noqa: E402
 
 ORDER = [("ours", "full"), ("trainer", "full"), ("ours", "lora"), ("trainer", "lora")]
 TARGET = 1.2  # issue #11: ours >= 1.2x Trainer's samples/s on the CPU
@@ -70,9 +69,9 @@ class Run:
 
 def prepare(args, tmp: Path):
     """The model folder (the tiny model, built, unless --model) and the tokenised rows."""
-    from tasks.config import DataConfig
-    from tasks.data import tokenize_splits
-    from tasks.tiny_model import make_tiny_model
+    from tasks.config.schema import DataConfig
+    from tasks.models.tiny import make_tiny_model
+    from tasks.prepare import tokenize_splits
 
     model = args.model or str(make_tiny_model(tmp / "tiny-gpt2", Path(args.data)))
     cfg = DataConfig(source=args.data, train_size=args.train_size, eval_size=args.eval_size,
@@ -81,15 +80,15 @@ def prepare(args, tmp: Path):
 
 
 def load(args, model_path: str, data, method: str):
-    from tasks.config import MethodConfig, ModelConfig
-    from tasks.model import load_model
+    from tasks.config.schema import MethodConfig, ModelConfig
+    from tasks.load import load_model
 
     return load_model(ModelConfig(name_or_path=model_path), MethodConfig(name=method, method=method),
                       data.num_labels, data.pad_token_id, torch.device("cpu"))
 
 
 def training_config(args):
-    from tasks.config import TrainingConfig
+    from tasks.config.schema import TrainingConfig
 
     return TrainingConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           scheduler="linear", warmup_ratio=args.warmup_ratio,
@@ -107,7 +106,7 @@ def evaluate(model, data) -> tuple[float, float]:
 
 def run_ours(args, model_path: str, data, method: str) -> Run:
     import peft_modules as pm
-    from tasks.collate import make_loader, padding_fraction
+    from tasks.data.collate import make_loader, padding_fraction
     from tasks.train import train_model
 
     # Seeded before loading: the fresh score head is drawn from the global RNG, and without this
@@ -132,7 +131,7 @@ class CountingCollator:
     makes one more ahead of time, to detect the end)."""
 
     def __init__(self, pad_token_id: int):
-        from tasks.collate import Collator
+        from tasks.data.collate import Collator
 
         self.inner, self.seen = Collator(pad_token_id), []
 
@@ -278,7 +277,7 @@ def main(args) -> None:
         runs, load = run_rounds(args, model_path, data)
     random_padding = None
     if args.group_by_length:
-        from tasks.collate import make_loader, padding_fraction
+        from tasks.data.collate import make_loader, padding_fraction
         plain = make_loader(data.train, args.batch_size, shuffle=True, seed=args.seed,
                             pad_token_id=data.pad_token_id)
         random_padding = padding_fraction(plain, max_batches=args.steps)

@@ -16,19 +16,21 @@ from prefect.cache_policies import NO_CACHE
 from transformers import AutoConfig
 
 from flows.finetune import finetune, prefect_tags
-from flows.jobs import Job, final_jobs
-from flows.sweeping import run_grid
-from tasks import outage, names, progress, tracking
+from flows.orchestration.jobs import Job, final_jobs
+from flows.orchestration.sweeping import run_grid
+from tasks.common import names, progress
+from tasks.common.secrets import redact
 from tasks.conclude import conclude_task
-from tasks.config import (BenchConfig, ConfigError, build_config, fingerprint, load_config,
-                          public_dump, revealed)
-from tasks.data import DataSummary, prepare_dataset
-from tasks.lifecycle import close_stale_runs, reopen
-from tasks.model import resolve_device
-from tasks.model_source import local_path
-from tasks.preflight import check_heavy, check_light
+from tasks.config.build import build_config, fingerprint, load_config, public_dump, revealed
+from tasks.config.preflight import check_heavy, check_light, resolve_device
+from tasks.config.schema import BenchConfig, ConfigError
+from tasks.data.dataset import DataSummary
+from tasks.models.source import local_path
+from tasks.prepare import prepare_dataset
 from tasks.report import generate_report_task
-from tasks.secrets import redact
+from tasks.tracking import outage
+from tasks.tracking import runs as tracking
+from tasks.tracking.lifecycle import close_stale_runs, reopen
 
 
 def resolve_config(config_path: Optional[str] = None, overrides: Optional[list[str]] = None,
@@ -46,14 +48,14 @@ def resolve_config(config_path: Optional[str] = None, overrides: Optional[list[s
 
 @task(name="validate", cache_policy=NO_CACHE)
 def preflight(cfg: BenchConfig) -> DataSummary:
-    """Everything that can be checked without loading model weights (tasks/preflight.py),
+    """Everything that can be checked without loading model weights (tasks/config/preflight.py),
     then the runs that killed processes left RUNNING are closed."""
     summary = check_light(cfg)
     skipped = check_heavy(cfg)
     if skipped:
         get_run_logger().warning(skipped)
     if cfg.dispatch == "deployments":
-        from flows.dispatch import check_deployment
+        from flows.orchestration.dispatch import check_deployment
         check_deployment(cfg)
     for run_id in close_stale_runs(cfg.tracking):
         get_run_logger().warning("closed stale MLflow run %s (its process is gone)", run_id)
@@ -92,7 +94,7 @@ def start_parent_run(cfg: BenchConfig, data_digest: str, source: str,
 
 
 def planned_total_steps(cfg: BenchConfig, train_rows: int) -> int:
-    from flows.plan import planned_steps
+    from flows.orchestration.plan import planned_steps
 
     grid = sum(planned_steps(cfg, train_rows, point) for _, point in cfg.grid_jobs())
     return grid + planned_steps(cfg, train_rows) * len(cfg.runs())
@@ -135,7 +137,7 @@ def run_local(cfg: BenchConfig, jobs: list[Job]) -> dict[str, str]:
 
 def dispatcher(cfg: BenchConfig):
     if cfg.dispatch == "deployments":
-        from flows.dispatch import run_deployments
+        from flows.orchestration.dispatch import run_deployments
         return run_deployments
     return run_local
 
@@ -179,7 +181,7 @@ def fail_mlflow_runs(flow, flow_run, state) -> None:
     `dispatch: local`, the child run of the method it was training. The worker runs it, with
     keyword arguments, when the flow-run process is gone. The in-process child flow runs it
     leaves PENDING/RUNNING are marked CRASHED in Prefect too."""
-    from flows.dispatch import crash_in_process_children
+    from flows.orchestration.dispatch import crash_in_process_children
 
     p = flow_run.parameters
     cfg = revealed(resolve_config(p.get("config_path"), p.get("overrides"), p.get("config"),

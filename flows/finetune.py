@@ -16,23 +16,29 @@ from typing import Optional
 
 import torch
 from prefect import flow
-from prefect.utilities.annotations import quote
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import deployment, flow_run
+from prefect.utilities.annotations import quote
 
 import peft_modules as pm
-from tasks import checkpoint, names, progress, sweep, tracking
-from tasks.config import BenchConfig, MethodConfig, public_dump, revealed
-from tasks.lifecycle import owner_alive, owner_tag, reopen
-from tasks.reuse import copy_run, find_reusable, run_key
-from tasks.errors import describe
-from tasks.secrets import redact
-from tasks.data import PreparedData, prepare_dataset
+from tasks.common import names, progress
+from tasks.common.errors import describe
+from tasks.common.secrets import redact
+from tasks.config import sweep
+from tasks.config.build import public_dump, revealed
+from tasks.config.preflight import resolve_device
+from tasks.config.schema import BenchConfig, MethodConfig
+from tasks.data.labels import names_tag
 from tasks.evaluate import EvalResult, evaluate_task, plot_confusion, with_label_names
-from tasks.labels import names_tag
-from tasks.memory import PeakMemory
-from tasks.model import inject_adapter_task, load_model_task, resolve_device, saved_size_mb
+from tasks.load import inject_adapter_task, load_model_task, saved_size_mb
+from tasks.prepare import PreparedData, prepare_dataset
+from tasks.tracking import runs as tracking
+from tasks.tracking.lifecycle import reopen
+from tasks.tracking.owner import owner_alive, owner_tag
+from tasks.tracking.reuse import copy_run, find_reusable, run_key
 from tasks.train import CheckpointPlan, NonFiniteError, TrainResult, train_task
+from tasks.training import checkpoint
+from tasks.training.memory import PeakMemory
 
 
 def prefect_tags() -> dict[str, str]:
@@ -63,7 +69,7 @@ class RunPlan:
     point: dict                     # the sweep values applied ({} without a sweep)
     split: str                      # "eval" or "test": the split the run is scored on
     split_name: str                 # that split's name in the data, for the record
-    key: str = ""                   # the run key (tasks/reuse.py)
+    key: str = ""                   # the run key (tasks/tracking/reuse.py)
 
     @property
     def label(self) -> str:

@@ -14,10 +14,10 @@ _WHERE = {
     "AdapterSummary": "inject", "adapter_layers": "inject", "count_params": "inject",
     "find_targets": "inject", "head_names": "inject", "inject_adapters": "inject", "merge_adapters": "inject",
     "merge_and_unload": "inject", "unmerge_adapters": "inject",
-    "load_adapter": "io", "read_spec": "io", "save_adapter": "io",
-    "DoRALinear": "lora", "LoRALinear": "lora",
-    "load_peft_adapter": "peft_format", "read_peft_config": "peft_format",
-    "save_peft_adapter": "peft_format",
+    "load_adapter": "formats.detect", "read_spec": "formats.detect", "save_adapter": "formats.native",
+    "DoRALinear": "layers", "LoRALinear": "layers",
+    "load_peft_adapter": "formats.hf_peft", "read_peft_config": "formats.hf_peft",
+    "save_peft_adapter": "formats.hf_peft",
 }
 __all__ = sorted(_WHERE)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from peft_modules import quant
-from peft_modules.lora import DoRALinear, LoRALinear, layer_kind
+from peft_modules.layers import DoRALinear, LoRALinear, layer_kind
 from peft_modules.spec import DEFAULT_TARGETS, AdapterSpec
 
 # The classification head and what sits between the backbone and it, by the names the
@@ -46,7 +46,7 @@ def _in_head(name: str, heads: list[str]) -> bool:
     return any(name == h or name.startswith(h + ".") for h in heads)
 
 
-def _resolve_targets(model: nn.Module, spec: AdapterSpec):
+def resolve_targets(model: nn.Module, spec: AdapterSpec):
     if spec.targets is not None:
         return spec.targets
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -68,7 +68,7 @@ def _matches(name: str, targets) -> bool:
 def find_targets(model: nn.Module, spec: AdapterSpec) -> list[str]:
     """Names of the modules to adapt. Raises ValueError if none match or one is unsupported."""
     heads = head_names(model)
-    targets = _resolve_targets(model, spec)
+    targets = resolve_targets(model, spec)
     candidates = [n for n, m in model.named_modules()
                   if layer_kind(m) is not None and not _in_head(n, heads)]
     if targets == "all-linear":

@@ -16,8 +16,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from tasks import aggregate, names, regression
-from tasks.config import BenchConfig
+from tasks.analysis import aggregate, regression
+from tasks.common import names
+from tasks.config.schema import BenchConfig
 
 
 def publish(cfg: BenchConfig, parent_run_id: str, check: regression.Check,

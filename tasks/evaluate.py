@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
-from tasks.collate import SplitData, make_loader
+from tasks.data.collate import SplitData, make_loader
 from tasks.train import NonFiniteError, autocast
 
 

@@ -3,10 +3,10 @@
 Everything in the report comes from the tracking store (never from the pipeline's memory), so
 a report can be regenerated later, by anyone, from the parent run id alone. Per method it shows
 the mean over seeds with a 95% interval, and a verdict against the reference method (paired by
-seed, `tasks.aggregate`); the regression alarm's flags (`tasks.regression`) come first, after
+seed, `tasks.analysis.aggregate`); the regression alarm's flags (`tasks.analysis.regression`) come first, after
 the answers to the budget questions (the most accurate method within a memory or time budget).
 For a sweep it adds each method's chosen settings, every grid point and two sweep charts
-(`tasks.charts_sweep`), and it says which split scored the finals and which chose the settings.
+(`tasks.reporting.charts_sweep`), and it says which split scored the finals and which chose the settings.
 The report is built in a temp folder next to its destination and renamed into place at the
 end, so a failure leaves either the previous report or nothing, never half a report.
 """
@@ -27,14 +27,17 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks import names, outdir, store
-from tasks.aggregate import MethodAggregate, Summary, child_runs as _child_runs, summarize
-from tasks.charts import Chart, draw_all, method_colors
-from tasks.charts_sweep import draw_sweep, frontier
-from tasks.regression import Check
-from tasks.report_render import parent_note, render_html, render_markdown, verdict_rows
-from tasks.stats import pareto_beyond_noise
-from tasks.tracking import ui_path
+from tasks.analysis.aggregate import MethodAggregate, Summary, summarize
+from tasks.analysis.aggregate import child_runs as _child_runs
+from tasks.analysis.regression import Check
+from tasks.analysis.stats import pareto_beyond_noise
+from tasks.common import names
+from tasks.reporting import outdir
+from tasks.reporting.charts import Chart, draw_all, method_colors
+from tasks.reporting.charts_sweep import draw_sweep, frontier
+from tasks.reporting.render import parent_note, render_html, render_markdown, verdict_rows
+from tasks.tracking import store
+from tasks.tracking.runs import ui_path
 
 HISTORY_METRICS = (names.TRAIN_LOSS, names.EVAL_ACCURACY)
 

@@ -25,10 +25,11 @@ from prefect.cache_policies import NO_CACHE
 from torch import nn
 from transformers import get_scheduler
 
-from tasks import checkpoint, names, progress
-from tasks.collate import SplitData, make_loader
-from tasks.config import TrainingConfig
-from tasks.machine_load import LoadReading, MachineLoad
+from tasks.common import names, progress
+from tasks.config.schema import TrainingConfig
+from tasks.data.collate import SplitData, make_loader
+from tasks.training import checkpoint
+from tasks.training.machine_load import LoadReading, MachineLoad
 
 LogFn = Callable[[dict[str, float], int], None]
 log_ = logging.getLogger(__name__)

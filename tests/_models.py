@@ -4,17 +4,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import peft_modules as pm
-from peft_modules.lora import LoRALinear, base_weight
-from peft_modules.quant import keep_layout
 from torch import nn
-from transformers import (AutoModel, AutoModelForSequenceClassification, AutoTokenizer,
-                          BertConfig, BertForSequenceClassification, BitsAndBytesConfig,
-                          DebertaV2Config, DistilBertConfig, GPT2Config,
-                          GPT2ForSequenceClassification, LlamaConfig,
-                          LlamaForSequenceClassification, MistralConfig, OPTConfig, Qwen2Config,
-                          RobertaConfig)
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BitsAndBytesConfig,
+    DebertaV2Config,
+    DistilBertConfig,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    MistralConfig,
+    OPTConfig,
+    Qwen2Config,
+    RobertaConfig,
+)
 from transformers.pytorch_utils import Conv1D
+
+import peft_modules as pm
+from peft_modules.layers import LoRALinear, base_weight
+from peft_modules.quant import keep_layout
 
 VOCAB = 100
 

@@ -6,9 +6,8 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
-
 import _procs
+import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,7 +96,7 @@ def sst2_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, sst2_dir) -> Path:
     """A small random GPT-2-style model built offline, loaded back via from_pretrained."""
-    from tasks.tiny_model import make_tiny_model
+    from tasks.models.tiny import make_tiny_model
 
     out = tmp_path_factory.mktemp("tiny-gpt2")
     return make_tiny_model(out, sst2_dir, vocab_size=512, n_layer=2, n_embd=32, n_head=2,

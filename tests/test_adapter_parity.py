@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
+from _models import batch, load_4bit, tiny_bert, tiny_gpt2, tiny_llama
 from peft import LoraConfig, get_peft_model
 
 import peft_modules as pm
-from _models import batch, load_4bit, tiny_bert, tiny_gpt2, tiny_llama
 from peft_modules.inject import HEAD_NAMES
 
 TOL = 1e-5

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
+from _models import batch, load_4bit, tiny_gpt2, tiny_llama, trained_look
 from transformers import AutoModelForSequenceClassification
 
 import peft_modules as pm
-from _models import batch, load_4bit, tiny_gpt2, tiny_llama, trained_look
 
 BUILDERS = {"gpt2": (tiny_gpt2, ["c_attn"]), "llama": (tiny_llama, ["q_proj", "v_proj"])}
 
@@ -38,14 +38,14 @@ def test_fresh_adapter_is_identity_and_merge_roundtrip(arch, method):
     assert torch.equal(logits(model), base_logits)  # B = 0 and m = ‖W0‖: exactly the base
     randomise(model)
     layers = pm.adapter_layers(model)
-    w0 = {n: l.base_layer.weight.detach().clone() for n, l in layers.items()}
+    w0 = {n: layer.base_layer.weight.detach().clone() for n, layer in layers.items()}
     unmerged = logits(model)
     assert (unmerged - base_logits).abs().max() > 1e-3
     pm.merge_adapters(model)
     assert (logits(model) - unmerged).abs().max().item() <= 1e-5
     pm.unmerge_adapters(model)
-    for n, l in layers.items():
-        assert (l.base_layer.weight - w0[n]).abs().max().item() <= 1e-6
+    for n, layer in layers.items():
+        assert (layer.base_layer.weight - w0[n]).abs().max().item() <= 1e-6
     assert (logits(model) - unmerged).abs().max().item() <= 1e-5
 
 

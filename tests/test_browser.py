@@ -9,12 +9,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import make_bench_config
 from mlflow.tracking import MlflowClient
 
-from conftest import make_bench_config
-from flows import stack
 from flows.benchmark import benchmark
-from tasks.tracking import ui_path
+from flows.infra import stack
+from tasks.tracking.runs import ui_path
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

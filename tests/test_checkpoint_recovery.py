@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import ROOT, ceiling, make_bench_config
 from torch import nn
 from transformers import get_scheduler
 
-from conftest import ROOT, ceiling, make_bench_config
-from tasks import checkpoint, names
-from tasks.checkpoint import Progress
+from tasks.common import names
+from tasks.training import checkpoint
+from tasks.training.checkpoint import Progress
 
 CPU = torch.device("cpu")
 
@@ -80,9 +81,8 @@ def test_keep_last_counts_and_each_checkpoint_has_a_manifest(tmp_path):
 
 
 def test_keep_last_is_a_training_setting_outside_the_run_key(tmp_path, bench_config):
-    from tasks.config import build_config
-    from tasks.config_io import fingerprint
-    from tasks.reuse import run_key
+    from tasks.config.build import build_config, fingerprint
+    from tasks.tracking.reuse import run_key
 
     default = build_config(bench_config, mlflow_yaml=None)
     more = build_config(bench_config, overrides=["training.keep_last=5"], mlflow_yaml=None)

@@ -1,14 +1,19 @@
-"""Length-grouped batching (tasks.collate): every row exactly once per epoch, reproducible under a
+"""Length-grouped batching (tasks.data.collate): every row exactly once per epoch, reproducible under a
 seed, a new order each epoch, and less padding than random batching on real SST-2 lengths."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tasks.collate import (LengthGroupedBatchSampler, SplitData, make_loader, padding_fraction,
-                           sequence_lengths)
-from tasks.config import DataConfig
-from tasks.data import tokenize_splits
+from tasks.config.schema import DataConfig
+from tasks.data.collate import (
+    LengthGroupedBatchSampler,
+    SplitData,
+    make_loader,
+    padding_fraction,
+    sequence_lengths,
+)
+from tasks.prepare import tokenize_splits
 
 BATCH = 16
 PAD = 0
@@ -85,7 +90,7 @@ def test_default_loader_is_unchanged(sst2_rows):
     """Existing callers (group_by_length left out) get the plain seeded shuffle as before."""
     from torch.utils.data import DataLoader
 
-    from tasks.collate import Collator
+    from tasks.data.collate import Collator
 
     before = DataLoader(sst2_rows, batch_size=BATCH, shuffle=True, collate_fn=Collator(PAD),
                         generator=torch.Generator().manual_seed(5))

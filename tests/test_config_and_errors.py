@@ -2,19 +2,18 @@
 file or line, comes before any model is loaded, and leaves no MLflow run behind."""
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 
 from flows.benchmark import benchmark
-from tasks.config import ConfigError, build_config, load_config
+from tasks.config.build import build_config, load_config
+from tasks.config.schema import ConfigError
 from tasks.evaluate import compute_metrics
-from tasks.memory import PeakMemory
+from tasks.training.memory import PeakMemory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,8 +146,8 @@ def test_peak_memory_isolation():
 
 
 def test_subset_first_takes_the_first_rows(sst2_dir):
-    from tasks.config import DataConfig
-    from tasks.data import load_splits
+    from tasks.config.schema import DataConfig
+    from tasks.data.dataset import load_splits
 
     first = load_splits(DataConfig(source=str(sst2_dir), train_size=5, subset="first"))["train"]
     head = [ln.split("\t")[0] for ln in

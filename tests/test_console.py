@@ -10,12 +10,12 @@ import warnings
 from pathlib import Path
 
 import yaml
+from conftest import ROOT, make_bench_config
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from conftest import ROOT, make_bench_config
 from flows.benchmark import benchmark
-from flows.cli import app
+from flows.cli.main import app
 
 runner = CliRunner()
 OURS_FIXED = (r".*dataset source can be interpreted in multiple ways.*",
@@ -74,4 +74,4 @@ def test_the_install_warns_about_no_package(tmp_path):
     wheel = next(tmp_path.glob("peft_bench-*.whl"))
     import zipfile
 
-    assert "tasks/templates/report.html.j2" in zipfile.ZipFile(wheel).namelist()
+    assert "tasks/reporting/templates/report.html.j2" in zipfile.ZipFile(wheel).namelist()

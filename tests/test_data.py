@@ -1,17 +1,18 @@
-"""tasks.data: every source format, every data error (exact words), subsets, tokenisation,
+"""tasks.prepare: every source format, every data error (exact words), subsets, tokenisation,
 padding/pooling correctness and the Prefect cache."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from tasks.config import DataConfig
-from tasks.data import (Collator, DataError, load_splits, make_loader, prepare_dataset,
-                        tokenize_splits, validate_data)
+from tasks.config.schema import DataConfig
+from tasks.data.collate import Collator, make_loader
+from tasks.data.dataset import load_splits, validate_data
+from tasks.data.labels import DataError
+from tasks.prepare import prepare_dataset, tokenize_splits
 
 SST2 = Path(__file__).resolve().parents[1].parent / "shared/data/sst2"
 ROWS = [("a gripping , funny film", 1), ('he said "dull', 0), ("it's fine, i guess", 1)]
@@ -46,7 +47,7 @@ def cfg_for(folder: Path, **kw) -> DataConfig:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    from tasks.tiny_model import make_tiny_model
+    from tasks.models.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny"), SST2, max_train_lines=2000)
 
@@ -313,7 +314,7 @@ def test_pooled_token_is_last_real_token_under_padding():
 
 
 def test_make_loader_is_seeded():
-    from tasks.collate import SplitData
+    from tasks.data.collate import SplitData
 
     data = SplitData([[i + 1] * (i % 3 + 1) for i in range(20)], [i % 2 for i in range(20)])
     order = lambda seed: [b["labels"].tolist() + b["input_ids"][:, 0].tolist()  # noqa: E731
@@ -329,8 +330,8 @@ def test_make_loader_is_seeded():
 def test_prepared_data_cache_hits_and_invalidates(tmp_path, tiny_dir, monkeypatch):
     import stat
 
-    import tasks.data as data_module
-    from tasks.data import prepare_cached
+    import tasks.prepare as data_module
+    from tasks.prepare import prepare_cached
 
     folder = folder_with(tmp_path)
     cfg, root = cfg_for(folder), tmp_path / "cache"
@@ -358,7 +359,7 @@ def test_prepared_data_cache_hits_and_invalidates(tmp_path, tiny_dir, monkeypatc
 
 
 def test_a_half_written_cache_entry_is_not_served(tmp_path, tiny_dir):
-    from tasks.data import cache_key, prepare_cached
+    from tasks.prepare import cache_key, prepare_cached
 
     cfg, root = cfg_for(folder_with(tmp_path)), tmp_path / "cache"
     half = root / "prepared" / cache_key(cfg, str(tiny_dir), None)
@@ -372,7 +373,7 @@ def test_prepare_dataset_retries_only_non_data_errors(prefect_harness, tmp_path,
     from prefect import flow
     from prefect.cache_policies import NO_CACHE
 
-    import tasks.data as data_module
+    import tasks.prepare as data_module
 
     calls = []
 
@@ -442,7 +443,7 @@ def test_the_field_limit_is_the_largest_the_platform_takes(monkeypatch):
     """sys.maxsize overflows a 32-bit C long (Windows): the probe halves until it fits."""
     import csv
 
-    import tasks.dataset as dataset
+    import tasks.data.dataset as dataset
 
     real = csv.field_size_limit
     def long32(*limit):

@@ -29,11 +29,11 @@ from uuid import UUID
 import httpx
 import psutil
 import pytest
-from mlflow.tracking import MlflowClient
-
 from _procs import kill_all, marked
 from conftest import SESSION, ceiling
-from flows import stack
+from mlflow.tracking import MlflowClient
+
+from flows.infra import stack
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "peft-bench"  # mlflow.yaml
@@ -324,9 +324,9 @@ def test_parent_marks_a_silent_child_crashed(live):
     (A run created here by hand: nothing runs behind it.)"""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows import dispatch
-    from tasks import tracking
-    from tasks.config import TrackingConfig
+    from flows.orchestration import dispatch
+    from tasks.config.schema import TrackingConfig
+    from tasks.tracking import runs as tracking
 
     flow_id = _post(f"{live.api}/flows/", {"name": "silent-child"}).json()["id"]
     fid = _post(f"{live.api}/flow_runs/", {"flow_id": flow_id, "name": "silent"}).json()["id"]

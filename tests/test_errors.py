@@ -7,13 +7,12 @@ import logging
 
 import pytest
 import torch
-
 from conftest import make_bench_config
 from mlflow.tracking import MlflowClient
 
 from flows.benchmark import AllRunsFailed, benchmark
-from tasks import names, progress
-from tasks.errors import describe
+from tasks.common import names, progress
+from tasks.common.errors import describe
 
 
 def _bare_assert():

@@ -8,18 +8,18 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from _models import load_4bit
+from conftest import make_bench_config
 from mlflow import MlflowClient
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
-from _models import load_4bit
-from conftest import make_bench_config
 from flows.benchmark import benchmark
-from flows.cli import app
-from tasks.config import DataConfig
-from tasks.data import tokenize_splits
+from flows.cli.main import app
+from tasks.config.schema import DataConfig
 from tasks.evaluate import evaluate_model
+from tasks.prepare import tokenize_splits
 from tasks.report import child_runs
 
 runner = CliRunner()

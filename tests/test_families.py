@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _models import FAMILIES, family_model_dir
+from conftest import make_bench_config
 from mlflow.tracking import MlflowClient
 from torch import nn
 
 import peft_modules as pm
-from _models import FAMILIES, family_model_dir
-from conftest import make_bench_config
 from flows.benchmark import benchmark
 from peft_modules.quant import is_linear4bit
-from tasks.config import MethodConfig, ModelConfig
-from tasks.model import load_model
+from tasks.config.schema import MethodConfig, ModelConfig
+from tasks.load import load_model
 from tasks.report import child_runs
 
 METHODS = ("full", "lora", "dora", "qlora", "qdora")

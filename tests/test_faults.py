@@ -15,13 +15,13 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from _procs import kill_all
+from conftest import ROOT, ceiling, make_bench_config
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from _procs import kill_all
-from conftest import ROOT, ceiling, make_bench_config
 from flows.benchmark import benchmark
-from flows.cli import app
+from flows.cli.main import app
 from tasks.report import child_runs
 
 runner = CliRunner()
@@ -263,7 +263,7 @@ def test_bad_input_is_refused_before_weights_load_or_a_run_exists(case, tmp_path
 
 # ------------------------------------------------------------------ the temporary server
 def test_an_orphaned_temporary_server_is_stopped_by_the_next_start(tmp_path, monkeypatch):
-    from flows import tempserver
+    from flows.infra import tempserver
 
     monkeypatch.setenv("PEFT_BENCH_CACHE", str(tmp_path))
     server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -285,7 +285,7 @@ def test_an_orphaned_temporary_server_is_stopped_by_the_next_start(tmp_path, mon
 
 
 def test_a_server_that_does_not_start_says_what_to_do(tmp_path, monkeypatch):
-    from flows import tempserver
+    from flows.infra import tempserver
 
     monkeypatch.setenv("PEFT_BENCH_CACHE", str(tmp_path))
     with pytest.raises(tempserver.ServerStartError) as err:
@@ -299,7 +299,7 @@ def test_a_server_that_does_not_start_says_what_to_do(tmp_path, monkeypatch):
 def test_credentials_leave_no_trace(prefect_harness, tmp_path, tiny_model_dir, sst2_dir, capfd):
     from prefect.client.orchestration import get_client
 
-    from flows import stack
+    from flows.infra import stack
 
     secrets = ("S3CRET-PW", "HUNTER2")
     ml = stack.start_mlflow_server(tmp_path / "stack", port=0)

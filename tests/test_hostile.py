@@ -12,8 +12,9 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from flows.cli import app
-from tasks import names, store
+from flows.cli.main import app
+from tasks.common import names
+from tasks.tracking import store
 
 runner = CliRunner()
 AWKWARD = ["o'brien's nightly", 'the "best" one', "both ' and \"", "back\\slash", "100%_done",

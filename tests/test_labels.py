@@ -1,4 +1,4 @@
-"""tasks.labels: class-name labels mapped to ids (sorted, or data.label_names), integer labels
+"""tasks.data.labels: class-name labels mapped to ids (sorted, or data.label_names), integer labels
 unchanged, every mix or unknown class refused naming its rows, and the names carried to the
 cache, the model's id2label, MLflow, the predictions table and the confusion matrix."""
 from __future__ import annotations
@@ -10,10 +10,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
-from tasks.config import DataConfig
-from tasks.data import DataError, load_splits, validate_data
 from test_data import write_split
+
+from tasks.config.schema import DataConfig
+from tasks.data.dataset import load_splits, validate_data
+from tasks.data.labels import DataError
 
 THREE = {"negative": 0, "neutral": 1, "positive": 2}  # the oracle: sorted by hand
 TRAIN = [("awful", "negative"), ("fine i guess", "neutral"), ("great", "positive"),
@@ -190,10 +191,10 @@ def test_json_booleans_and_nulls_are_refused(tmp_path):
 
 
 def test_a_mixed_error_reaches_the_cli_as_exit_2(tmp_path, tiny_model_dir, sst2_dir):
+    from conftest import make_bench_config
     from typer.testing import CliRunner
 
-    from conftest import make_bench_config
-    from flows.cli import app
+    from flows.cli.main import app
 
     raw(tmp_path / "d" / "train.tsv", "sentence\tlabel\na\t1\nb\tnegative\n")
     raw(tmp_path / "d" / "validation.tsv", GOOD)
@@ -210,7 +211,7 @@ def test_a_mixed_error_reaches_the_cli_as_exit_2(tmp_path, tiny_model_dir, sst2_
 
 
 def test_the_cache_keeps_the_names_and_keys_on_their_order(tmp_path, tiny_model_dir):
-    from tasks.data import cache_key, prepare_cached
+    from tasks.prepare import cache_key, prepare_cached
 
     path, root = folder(tmp_path), tmp_path / "cache"
     first, hit = prepare_cached(cfg_for(path), str(tiny_model_dir), root=root)
@@ -229,8 +230,8 @@ def test_the_cache_keeps_the_names_and_keys_on_their_order(tmp_path, tiny_model_
 def test_the_model_gets_id2label(tiny_model_dir):
     import torch
 
-    from tasks.config import MethodConfig, ModelConfig
-    from tasks.model import load_model
+    from tasks.config.schema import MethodConfig, ModelConfig
+    from tasks.load import load_model
 
     lora = MethodConfig(name="lora", method="lora", rank=2, alpha=4, targets=["c_attn"])
     model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)), lora, 3, 0,
@@ -271,7 +272,7 @@ def test_the_confusion_matrix_and_predictions_show_the_names(tmp_path):
 
 
 def test_a_long_list_of_names_fits_an_mlflow_tag():
-    from tasks.labels import names_tag
+    from tasks.data.labels import names_tag
 
     assert json.loads(names_tag(["a", "b"])) == ["a", "b"]
     many = [f"class number {i}" for i in range(2000)]
@@ -285,12 +286,12 @@ def test_a_long_list_of_names_fits_an_mlflow_tag():
 def test_a_cli_run_on_class_names(prefect_harness, tmp_path, tiny_model_dir, sst2_dir):
     """peft-bench run on three named classes: the child run records the names, its adapter
     folder's config.json has them as id2label, the predictions name them."""
+    from conftest import make_bench_config
     from mlflow.tracking import MlflowClient
     from typer.testing import CliRunner
 
-    from conftest import make_bench_config
-    from flows.cli import app
-    from tasks import names
+    from flows.cli.main import app
+    from tasks.common import names
 
     words = {"negative": "awful dull bad", "neutral": "fine okay average",
              "positive": "great superb lovely"}

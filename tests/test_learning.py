@@ -11,8 +11,8 @@ from __future__ import annotations
 import csv
 
 import pytest
-
 from conftest import make_bench_config
+
 from flows.benchmark import benchmark
 from tasks.report import child_runs
 

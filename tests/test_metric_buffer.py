@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from tasks import names, tracking
-from tasks.config import TrackingConfig
+from tasks.common import names
+from tasks.config.schema import TrackingConfig
+from tasks.tracking import runs as tracking
 
 
 def _run(tmp_path):

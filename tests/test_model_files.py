@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT, make_bench_config
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, make_bench_config
-from tasks import preflight
-from tasks.config import ConfigError, build_config
+from tasks.config import preflight
+from tasks.config.build import build_config
+from tasks.config.schema import ConfigError
 
 
 class _RunsCode:
@@ -74,9 +75,8 @@ def _refused(check, cfg) -> str:
 def test_good_folders_pass(tmp_path, model, sst2_dir, tiny_model_dir):
     """With and without the base-model prefix, a sharded checkpoint, and a seq-cls checkpoint
     whose head has another num_labels (the head is initialised fresh by design)."""
-    from transformers import GPT2ForSequenceClassification
-
     from _models import family_model_dir
+    from transformers import GPT2ForSequenceClassification
 
     bert = family_model_dir("bert", tmp_path / "bert", tiny_model_dir)  # keys `encoder...`
     sharded = tmp_path / "sharded"
@@ -180,8 +180,8 @@ def test_loading_never_unpickles(tmp_path, model, monkeypatch):
     holding only a pickle is not torch.load-ed (transformers would, weights-only)."""
     import torch
 
-    from tasks.config import MethodConfig, ModelConfig
-    from tasks.model import load_model
+    from tasks.config.schema import MethodConfig, ModelConfig
+    from tasks.load import load_model
 
     def tripwire(*args, **kwargs):
         raise AssertionError("torch.load was called on model weights")

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
-from tasks import model_source
-from tasks.config import ConfigError
+from flows.cli.main import app
+from tasks.config.schema import ConfigError
+from tasks.models import source as model_source
 
 PINNED = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""One vocabulary: product code reads and writes MLflow names only through `tasks/names.py`.
+"""One vocabulary: product code reads and writes MLflow names only through `tasks/common/names.py`.
 (What runs actually write is checked against the same declarations in test_repeats.py.)"""
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def test_no_product_code_spells_out_a_metric_or_tag_name():
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 if SPELLED.search(line):
                     offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
-    assert not offenders, "use tasks.names instead of:\n" + "\n".join(offenders)
+    assert not offenders, "use tasks.common.names instead of:\n" + "\n".join(offenders)
 
 
 def test_the_check_catches_a_spelled_out_name():

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 from benchmarks import adapters, pipeline_overhead
-from benchmarks._noise import (REL_IQR_LIMIT, Checks, Ratio, Spread, ratio_of_medians, spread,
-                               target_verdict)
-from tasks.machine_load import DEFAULT_THRESHOLD, LoadReading
+from benchmarks._noise import REL_IQR_LIMIT, Checks, Ratio, Spread, ratio_of_medians, spread, target_verdict
+from tasks.training.machine_load import DEFAULT_THRESHOLD, LoadReading
 
 
 def test_spread_by_hand():

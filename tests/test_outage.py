@@ -10,12 +10,12 @@ import time
 import psutil
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
-
 from _procs import kill_all
 from conftest import ROOT, ceiling, make_bench_config
-from flows import stack
+from mlflow.tracking import MlflowClient
 from test_faults import _cli, _cli_env
+
+from flows.infra import stack
 
 STEPS = 1500
 

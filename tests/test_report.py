@@ -17,8 +17,8 @@ from mlflow.entities import Metric, Param
 from scipy import stats as st
 
 from tasks import report as report_mod
-from tasks.store import UnknownRun
 from tasks.report import ReportError, child_runs, generate_report, latest_parent_run
+from tasks.tracking.store import UnknownRun
 
 EXPERIMENT = "peft-bench-test"
 SEEDS = (1, 2, 3)

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import test_report as plain
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from scipy import stats as st
 
-from tasks.aggregate import GridPoint
-from tasks.charts_sweep import sensitivity_chart
+from tasks.analysis.aggregate import GridPoint
 from tasks.report import generate_report
-import test_report as plain
+from tasks.reporting.charts_sweep import sensitivity_chart
 
 EXPERIMENT = "peft-bench-sweep-test"
 SEEDS = (1, 2)

@@ -6,18 +6,21 @@ benchmarks/big_store.py, not here."""
 from __future__ import annotations
 
 import pytest
+from conftest import make_bench_config
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from benchmarks.big_store import fill
-from conftest import make_bench_config
 from flows.benchmark import benchmark
-from flows.cli import app
-from flows.plan import history as plan_history
-from tasks import names, regression, store
-from tasks.config import BenchConfig, TrackingConfig
-from tasks.lifecycle import close_stale_runs, owner_tag
+from flows.cli.main import app
+from flows.orchestration.plan import history as plan_history
+from tasks.analysis import regression
+from tasks.common import names
+from tasks.config.schema import BenchConfig, TrackingConfig
 from tasks.report import generate_report
+from tasks.tracking import store
+from tasks.tracking.lifecycle import close_stale_runs
+from tasks.tracking.owner import owner_tag
 
 STALE, TOTAL = 1500, 5000
 

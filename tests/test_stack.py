@@ -1,4 +1,4 @@
-"""The local stack (flows/stack.py) for real: Prefect server + MLflow server + process pool + a
+"""The local stack (flows/infra/stack.py) for real: Prefect server + MLflow server + process pool + a
 worker, started in a tmp folder on free loopback ports, checked, then stopped. One stack for
 the module (~25 s here); it is torn down even when a test fails. Plus the deploy files parse."""
 from __future__ import annotations
@@ -16,10 +16,10 @@ import httpx
 import psutil
 import pytest
 import yaml
+from conftest import ceiling
 from typer.testing import CliRunner
 
-from conftest import ceiling
-from flows import stack
+from flows.infra import stack
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "test-process"
@@ -183,7 +183,7 @@ def test_work_pool_templates_parse():
 def test_automations_parse_and_match_what_the_flow_emits():
     from prefect.events.schemas.automations import AutomationCore
 
-    from tasks import names
+    from tasks.common import names
 
     for path in ("deploy/crash-zombie-flow-runs.yaml", "deploy/notify-on-regression.yaml"):
         AutomationCore.model_validate(yaml.safe_load((ROOT / path).read_text()))
@@ -194,7 +194,7 @@ def test_automations_parse_and_match_what_the_flow_emits():
 
 
 def test_nightly_config_repeats_and_alarms():
-    from tasks.config import load_config
+    from tasks.config.build import load_config
 
     cfg = load_config(ROOT / "configs/sst2-gpt2.yaml")
     assert len(cfg.training.run_seeds) >= 3 and cfg.regression.enabled

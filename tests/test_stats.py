@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from tasks.stats import (Interval, better_beyond_noise, mcnemar_exact, paired_difference,
-                         pareto_beyond_noise, ratio_interval, t_interval)
+from tasks.analysis.stats import (
+    Interval,
+    better_beyond_noise,
+    mcnemar_exact,
+    paired_difference,
+    pareto_beyond_noise,
+    ratio_interval,
+    t_interval,
+)
 
 # Student-t 0.975 quantiles from a printed table (df = 1, 2, 4).
 T_TABLE = {1: 12.706, 2: 4.303, 4: 2.776}

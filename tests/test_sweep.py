@@ -7,14 +7,16 @@ import json
 
 import pytest
 import yaml
+from conftest import make_bench_config
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from conftest import make_bench_config
 from flows.benchmark import benchmark
-from flows.cli import app
-from tasks.config import ConfigError, build_config
-from tasks.dataset import DataError, load_splits, validate_data
+from flows.cli.main import app
+from tasks.config.build import build_config
+from tasks.config.schema import ConfigError
+from tasks.data.dataset import load_splits, validate_data
+from tasks.data.labels import DataError
 
 runner = CliRunner()
 LORA = {"name": "lora", "method": "lora", "rank": 4, "alpha": 8, "targets": ["c_attn"]}
@@ -80,7 +82,7 @@ def _write(folder, name, rows):
 
 
 def test_hidden_test_labels_are_refused_with_the_fix(tmp_path):
-    from tasks.config import DataConfig
+    from tasks.config.schema import DataConfig
 
     rows = [(f"text {i}", i % 2) for i in range(20)]
     _write(tmp_path, "train", rows)
@@ -100,7 +102,7 @@ def test_hidden_test_labels_are_refused_with_the_fix(tmp_path):
 
 def test_selection_reads_the_selection_split_only(tmp_path):
     """Plant a grid point that would be best on test but is worse on validation."""
-    from flows.sweeping import choose
+    from flows.orchestration.sweeping import choose
 
     cfg = build_config(_cfg(sweep={"grid": {"lr": [1e-4, 1e-3, 1e-2]}}), mlflow_yaml=None)
     client = MlflowClient(f"sqlite:///{tmp_path}/m.db")

@@ -1,4 +1,4 @@
-"""tasks.tiny_model: a random GPT-2 + BPE tokenizer that loads back like a hub checkpoint."""
+"""tasks.models.tiny: a random GPT-2 + BPE tokenizer that loads back like a hub checkpoint."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.tiny_model import make_tiny_model
+from tasks.models.tiny import make_tiny_model
 
 SST2 = Path(__file__).resolve().parents[1].parent / "shared/data/sst2"
 

@@ -1,0 +1,75 @@
+"""What the CLI prints: a benchmark's methods (means over seeds with 95% intervals), the
+verdicts against the reference method and the regression flags, read back from MLflow."""
+from __future__ import annotations
+
+from typing import Optional
+
+from rich.table import Table
+
+from tasks.analysis.aggregate import Summary
+from tasks.analysis.regression import Check
+from tasks.common import names
+from tasks.reporting.render import verdict_rows
+
+# (header, summary key, format, with its interval)
+COLUMNS = [("accuracy", "accuracy", "{:.4f}", True), ("f1", "f1_macro", "{:.4f}", True),
+           ("train s", "train_time_s", "{:.1f}", True),
+           ("step ms", "step_time_median_s", None, True),
+           ("samples/s", "samples_per_s", "{:.1f}", True),
+           ("peak MB", "peak_memory_mb", "{:.0f}", True),
+           ("trainable", "trainable_params", "{:,.0f}", False),
+           ("trainable %", "trainable_pct", "{:.3f}", False),
+           ("model MB", "model_size_mb", "{:.2f}", False),
+           ("adapter MB", "adapter_size_mb", "{:.3f}", False)]
+
+
+def _cell(summary_agg, key: str, fmt: Optional[str], with_ci: bool) -> str:
+    iv = summary_agg.stats.get(key)
+    if iv is None:
+        return "-"
+    f = (lambda v: f"{1000 * v:.1f}") if fmt is None else fmt.format
+    text = f(iv.mean)
+    if with_ci and iv.has_interval:
+        text += " ± " + f((iv.high - iv.low) / 2)
+    if key in ("train_time_s", "step_time_median_s", "samples_per_s") and summary_agg.timing_warnings:
+        text += " ⚠"
+    return text
+
+
+def methods_table(summary: Summary) -> Table:
+    parent = summary.parent
+    title = (f"benchmark {parent.data.tags.get(names.BENCHMARK, '')} "
+             f"({parent.info.run_id}): mean ± 95% CI over seeds")
+    table = Table(title=title)
+    for col in ["method", "kind", "status", "seeds", *[c[0] for c in COLUMNS]]:
+        table.add_column(col, justify="left" if col in ("method", "kind", "status") else "right")
+    for agg in summary.methods.values():
+        table.add_row(agg.method, agg.kind, agg.status, f"{len(agg.finished)}/{len(agg.runs)}",
+                      *[_cell(agg, key, fmt, ci) for _, key, fmt, ci in COLUMNS])
+    return table
+
+
+def verdicts_table(summary: Summary) -> Optional[Table]:
+    rows = verdict_rows(summary.comparisons)
+    if not rows:
+        return None
+    ref = summary.reference
+    table = Table(title=f"verdicts against {ref} (paired by seed)")
+    for col in ("method", f"Δ accuracy vs {ref}", "verdict", "McNemar per seed",
+                f"time vs {ref}", f"memory vs {ref}"):
+        table.add_column(col)
+    for v in rows:
+        table.add_row(v["method"], v["accuracy_diff"], v["significance"], v["mcnemar"],
+                      v["time"], v["memory"])
+    return table
+
+
+def regression_lines(check: Optional[Check], against: str) -> list[str]:
+    if check is None:
+        return []
+    if not check.baselines:
+        return [f"regressions: nothing to compare with ({against})"]
+    if not check.flags:
+        return [f"regressions: none against {len(check.baselines)} {against}"]
+    return ["[red]REGRESSION[/red] " + f.message for f in check.flags] + [
+        f"  ({n})" for n in check.notes]

@@ -1,0 +1,128 @@
+"""`peft-bench plan CONFIG`: the runs a benchmark would start, and how long they would take,
+without training anything.
+
+The estimate comes from the MLflow history of the same model and data (earlier runs whose
+parent has the same data digest, else the same model and data source): per method kind, the
+median seconds per optimiser step times the steps this config plans, plus the median
+evaluation time. Grid points and final runs go as two waves: on N workers each wave takes
+about ceil(runs / N) runs' time. Start-up and logging add a few seconds a run on top.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Optional
+
+from rich.table import Table
+
+from tasks.common import names
+from tasks.config.schema import BenchConfig
+
+
+@dataclass
+class Estimate:
+    per_step_s: float
+    eval_s: float
+    runs_seen: int
+
+
+def history(cfg: BenchConfig, digest: str) -> dict[str, Estimate]:
+    """method kind -> timing, from FINISHED runs on the same data and model; {} if none."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import store
+    from tasks.tracking.lifecycle import sqlite_path
+
+    db = sqlite_path(cfg.tracking.tracking_uri)
+    if db is not None and not db.exists():
+        return {}  # no history, and `plan` creates no store
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    eid = store.experiment_id(client, cfg.tracking.experiment)
+    if eid is None:
+        return {}
+    parents = store.parents(client, eid, limit=50, data_digest=digest)
+    if not parents:
+        parents = [p for p in store.parents(client, eid, limit=200)
+                   if p.data.params.get("model.name_or_path") == cfg.model.name_or_path
+                   and p.data.params.get("data.source") == cfg.data.source]
+    samples: dict[str, list[tuple[float, float]]] = {}
+    for parent in parents:
+        for run in store.children(client, eid, parent.info.run_id, status="FINISHED"):
+            m = run.data.metrics
+            if m.get(names.TRAIN_STEPS) and names.TRAIN_TIME in m:
+                samples.setdefault(run.data.tags.get(names.METHOD_KIND, "?"), []).append(
+                    (m[names.TRAIN_TIME] / m[names.TRAIN_STEPS],
+                     m.get(names.EVAL_TIME, 0.0) + m.get(names.PERIODIC_EVAL_TIME, 0.0)))
+    return {kind: Estimate(statistics.median(s for s, _ in xs), statistics.median(e for _, e in xs),
+                           len(xs)) for kind, xs in samples.items()}
+
+
+def planned_steps(cfg: BenchConfig, train_rows: int, point: Optional[dict] = None) -> int:
+    from tasks.train import total_steps
+
+    training = cfg.training.model_copy(update={k: v for k, v in (point or {}).items()
+                                               if k in ("epochs", "max_steps")})
+    return total_steps(training, math.ceil(train_rows / training.batch_size))
+
+
+def jobs(cfg: BenchConfig) -> list[tuple[str, str, Optional[dict], str]]:
+    """(phase, method, point, kind) for every run the benchmark would start."""
+    kind = {m.name: m.method for m in cfg.methods}
+    grid = [("grid", name, point, kind[name]) for name, point in cfg.grid_jobs()]
+    finals = [("final", name, None, kind[name]) for _, _, name in cfg.runs()]
+    return grid + finals
+
+
+def table(cfg: BenchConfig) -> Table:
+    t = Table(title=f"plan: {cfg.name}")
+    for col in ("method", "kind", "grid", "grid runs", "final runs"):
+        t.add_column(col)
+    seeds = len(cfg.training.run_seeds)
+    for m in cfg.methods:
+        grid = cfg.method_grid(m)
+        shown = "; ".join(f"{k} ∈ {v}" for k, v in grid.items()) or "(config values)"
+        n = len([1 for name, _ in cfg.grid_jobs() if name == m.name])
+        t.add_row(m.name, m.method, shown, str(n), str(seeds))
+    return t
+
+
+def estimate_lines(cfg: BenchConfig, train_rows: int, digest: str, workers: int) -> list[str]:
+    est = history(cfg, digest)
+    if not est:
+        return ["time: no earlier run of this model and data in the MLflow experiment, so no "
+                "estimate yet (run once, or `plan` after a first benchmark)"]
+    waves: dict[str, list[float]] = {"grid": [], "final": []}
+    missing = set()
+    for phase, name, point, kind in jobs(cfg):
+        e = est.get(kind)
+        if e is None:
+            missing.add(kind)
+            continue
+        waves[phase].append(planned_steps(cfg, train_rows, point) * e.per_step_s + e.eval_s)
+    serial = sum(sum(w) for w in waves.values())
+    parallel = sum(math.ceil(len(w) / workers) * (sum(w) / len(w)) for w in waves.values() if w)
+    lines = [f"time (training + evaluation, from {sum(e.runs_seen for e in est.values())} earlier "
+             f"runs): about {_dur(serial)} on one device, {_dur(parallel)} on {workers} workers"]
+    if missing:
+        lines.append(f"  no history for {sorted(missing)}: their runs are not in the estimate")
+    return lines
+
+
+def _dur(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def describe(cfg: BenchConfig, train_rows: int, digest: str, workers: int) -> list:
+    """What `plan` prints: the table, the counts and the estimate."""
+    grid, finals = len(cfg.grid_jobs()), len(cfg.methods) * len(cfg.training.run_seeds)
+    out: list = [table(cfg)]
+    limit = f" (sweep.max_runs {cfg.sweep.max_runs})" if cfg.sweep else ""
+    out.append(f"{grid} grid runs (first seed, scored on {cfg.data.eval_split}) + {finals} final "
+               f"runs ({len(cfg.methods)} methods x {len(cfg.training.run_seeds)} seeds, scored on "
+               f"{cfg.data.test_split or ('a share of train' if cfg.data.test_from_train else cfg.data.eval_split)})"
+               f" = {grid + finals} runs{limit}")
+    out += estimate_lines(cfg, train_rows, digest, workers)
+    return out

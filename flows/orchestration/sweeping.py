@@ -1,0 +1,85 @@
+"""A sweep's first phase: every grid point trained under the first seed and scored on the
+selection split, as a child run of its method's run; then the choice of each method's best
+point, which the final runs use under every seed on the test split.
+
+Selection reads only the grid runs' `eval/*` metrics, which come from the selection split
+(`data.eval_split`): a grid run never evaluates on the test split, so nothing of it can leak
+into the choice.
+"""
+from __future__ import annotations
+
+import json
+from typing import Callable, Optional
+
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from flows.orchestration.jobs import Job, grid_jobs
+from tasks.common import names
+from tasks.config.schema import BenchConfig
+from tasks.config.sweep import better
+from tasks.tracking import store
+from tasks.tracking.owner import owner_tag
+
+Dispatch = Callable[[BenchConfig, list[Job]], dict[str, str]]
+
+
+def open_method_runs(cfg: BenchConfig, client: MlflowClient, parent: Run) -> dict[str, str]:
+    """One run per method (the aggregate run of tasks/analysis/aggregate.py, opened early), the parent
+    of its grid points; an earlier benchmark's are taken up again on a resume."""
+    existing = store.aggregates_by_method(client, parent.info.experiment_id, parent.info.run_id)
+    out = {}
+    for m in cfg.methods:
+        tags = {names.ROLE: names.ROLE_AGGREGATE, names.METHOD: m.name,
+                names.METHOD_KIND: m.method, names.BENCHMARK: cfg.name,
+                names.BENCHMARK_RUN: parent.info.run_id, names.OWNER: owner_tag(),
+                names.CONFIG_HASH: parent.data.tags.get(names.CONFIG_HASH, "")}
+        if m.name in existing:
+            out[m.name] = existing[m.name]
+            client.update_run(out[m.name], status="RUNNING")
+            client.set_tag(out[m.name], names.OWNER, tags[names.OWNER])
+        else:
+            out[m.name] = client.create_run(parent.info.experiment_id, tags=tags,
+                                            run_name=f"{m.name} [{cfg.name}]").info.run_id
+    return out
+
+
+def grid_runs(client: MlflowClient, experiment_id: str, method_run_id: str) -> list[Run]:
+    return store.children(client, experiment_id, method_run_id, tags={names.ROLE: names.ROLE_GRID})
+
+
+def choose(cfg: BenchConfig, runs: list[Run]) -> Optional[Run]:
+    """The FINISHED grid run with the best selection metric (the first of equals, in grid
+    order); None when none finished."""
+    metric = names.CHILD_METRICS[cfg.sweep.metric]
+    order = {json.dumps(p, sort_keys=True): i for i, (_, p) in enumerate(cfg.grid_jobs())}
+    done = [r for r in runs if r.info.status == "FINISHED" and metric in r.data.metrics]
+    done.sort(key=lambda r: order.get(_point_key(r), len(order)))
+    best = None
+    for run in done:
+        if best is None or better(run.data.metrics[metric], best.data.metrics[metric],
+                                  cfg.sweep.higher_is_better):
+            best = run
+    return best
+
+
+def _point_key(run: Run) -> str:
+    return json.dumps(json.loads(run.data.tags.get(names.POINT_JSON, "{}")), sort_keys=True)
+
+
+def run_grid(cfg: BenchConfig, client: MlflowClient, parent: Run,
+             dispatch: Dispatch) -> tuple[dict[str, str], dict[str, Optional[dict]]]:
+    """Train every grid point, then tag each method's chosen point. Returns the grid runs'
+    states and method -> chosen point (None when every point of the method failed)."""
+    method_runs = open_method_runs(cfg, client, parent)
+    states = dispatch(cfg, grid_jobs(cfg, method_runs))
+    chosen: dict[str, Optional[dict]] = {}
+    for name, run_id in method_runs.items():
+        runs = grid_runs(client, parent.info.experiment_id, run_id)
+        best = choose(cfg, [r for r in runs if r.data.tags.get(names.METHOD) == name])
+        chosen[name] = None if best is None else json.loads(best.data.tags[names.POINT_JSON])
+        for r in runs:
+            client.set_tag(r.info.run_id, names.CHOSEN, str(best is not None and
+                                                            r.info.run_id == best.info.run_id).lower())
+        client.set_tag(run_id, names.CHOSEN_POINT, json.dumps(chosen[name]))
+    return states, chosen

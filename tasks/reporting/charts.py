@@ -1,0 +1,304 @@
+"""Matplotlib charts for the benchmark report.
+
+Every chart takes the per-method summary rows (only the methods that finished) and writes one
+PNG. Figures are built with the object API on an Agg canvas, never through pyplot, so charts
+can be drawn from Prefect worker threads without a display and without pyplot's global state.
+A chart function returns None when there is nothing to draw, so the caller can say so.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+from tasks.common import names
+
+Rows = list[dict]
+# method -> metric -> one [(step, value)] series per seed
+Histories = dict[str, dict[str, list[list[tuple[int, float]]]]]
+
+DPI = 120
+SIZE_COLORS = {"float model": "#4C72B0", "4-bit model": "#DD8452", "adapter only": "#55A868"}
+QUANTIZED_KINDS = ("qlora", "qdora")
+
+
+@dataclass
+class Chart:
+    key: str
+    title: str
+    path: Path
+    caption: str = ""
+
+
+def method_colors(methods: list[str]) -> dict[str, str]:
+    """One colour per method, fixed by its position, so a method looks the same in every chart."""
+    cmap = colormaps["tab10"]
+    return {m: _hex(cmap(i % 10)) for i, m in enumerate(methods)}
+
+
+def _hex(rgba) -> str:
+    return "#%02x%02x%02x" % tuple(int(255 * c) for c in rgba[:3])
+
+
+def human(n: Optional[float]) -> str:
+    if n is None:
+        return "—"
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{suffix}"
+    return f"{n:.3g}"
+
+
+def new_figure(width: float = 6.6, height: float = 4.2) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def style_axes(ax, grid_axis: str = "y") -> None:
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.grid(axis=grid_axis, color="#dddddd", linewidth=0.8)
+    ax.set_axisbelow(True)
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI, facecolor="white")
+    return path
+
+
+def _with(rows: Rows, *keys: str) -> Rows:
+    return [r for r in rows if all(r.get(k) is not None for k in keys)]
+
+
+def _err(rows: Rows, key: str, scale: list[float] | None = None):
+    """Asymmetric error bars from the rows' 95% intervals (`<key>_ci`); zero where absent."""
+    lo, hi = [], []
+    for i, r in enumerate(rows):
+        ci, mean, k = r.get(f"{key}_ci"), r.get(key), (scale[i] if scale else 1.0)
+        lo.append(k * (mean - ci[0]) if ci else 0.0)
+        hi.append(k * (ci[1] - mean) if ci else 0.0)
+    return [lo, hi] if any(lo) or any(hi) else None
+
+
+def _barh(rows: Rows, values: list[float], labels: list[str], colors, title: str, xlabel: str,
+          xerr=None):
+    """Horizontal bars, first method on top, each bar labelled at its end; error bars are the
+    95% intervals over seeds."""
+    fig = new_figure(6.6, max(2.4, 0.55 * len(rows) + 1.3))
+    ax = fig.add_subplot()
+    methods = [r["method"] for r in rows]
+    bars = ax.barh(methods, values, color=[colors[n] for n in methods], xerr=xerr,
+                   error_kw={"ecolor": "#333333", "capsize": 3, "linewidth": 1})
+    ax.invert_yaxis()
+    ax.bar_label(bars, labels=labels, padding=4, fontsize=9)
+    ax.set_title(title, loc="left", fontweight="bold")
+    ax.set_xlabel(xlabel)
+    ax.margins(x=0.18)
+    style_axes(ax, "x")
+    return fig, ax
+
+
+def time_chart(rows: Rows, reference: Optional[str], colors, path: Path) -> Optional[Path]:
+    rows = _with(rows, "train_time_s")
+    if not rows:
+        return None
+    marks = [" ⚠" if r.get("timing_warnings") else "" for r in rows]
+    if reference is not None and all(r.get("train_time_pct_of_ref") is not None for r in rows):
+        pct = [r["train_time_pct_of_ref"] for r in rows]
+        labels = [f"{p:.0f}%  ({r['train_time_s']:.1f} s){m}" for p, r, m in zip(pct, rows, marks)]
+        scale = [p / r["train_time_s"] for p, r in zip(pct, rows)]
+        fig, ax = _barh(rows, pct, labels, colors, f"Training time relative to {reference}",
+                        f"% of {reference}'s training time ({reference} = 100%)",
+                        _err(rows, "train_time_s", scale))
+        ax.axvline(100, color="#444444", linestyle="--", linewidth=1)
+    else:
+        secs = [r["train_time_s"] for r in rows]
+        fig, ax = _barh(rows, secs, [f"{s:.1f} s{m}" for s, m in zip(secs, marks)], colors,
+                        "Training time in seconds", "training time (s)",
+                        _err(rows, "train_time_s"))
+    return save_figure(fig, path)
+
+
+def size_chart(rows: Rows, colors, path: Path) -> Optional[Path]:
+    """Model files and adapter-only files side by side; log scale because an adapter is
+    hundreds of times smaller than the model it adapts."""
+    rows = [r for r in rows if _positive(r.get("model_size_mb")) or _positive(r.get("adapter_size_mb"))]
+    if not rows:
+        return None
+    fig = new_figure(6.6, 4.4)
+    ax = fig.add_subplot()
+    width = 0.38
+    for i, r in enumerate(rows):
+        kind = "4-bit model" if r.get("kind") in QUANTIZED_KINDS else "float model"
+        for offset, value, label in ((-width / 2, r.get("model_size_mb"), kind),
+                                     (width / 2, r.get("adapter_size_mb"), "adapter only")):
+            if _positive(value):
+                bar = ax.bar(i + offset, value, width, color=SIZE_COLORS[label], label=label)
+                ax.bar_label(bar, labels=[f"{value:.3g}"], padding=2, fontsize=8)
+    ax.set_xticks(range(len(rows)), [r["method"] for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("size on disk (MB, log scale)")
+    ax.set_title("Model size: float model, 4-bit model, adapter-only files", loc="left",
+                 fontweight="bold")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))  # one legend entry per kind, not per bar
+    order = [k for k in SIZE_COLORS if k in unique]
+    ax.legend([unique[k] for k in order], order, frameon=False, loc="upper right")
+    ax.margins(y=0.15)
+    style_axes(ax)
+    return save_figure(fig, path)
+
+
+def _positive(v) -> bool:
+    return v is not None and v > 0
+
+
+def _curves(ax, rows: Rows, histories: Histories, metric: str, colors, marker=None) -> int:
+    """One line per seed in the method's colour, labelled once."""
+    drawn = 0
+    for r in rows:
+        series = [s for s in histories.get(r["method"], {}).get(metric) or [] if s]
+        for i, points in enumerate(series):
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=r["method"] if i == 0 else None,
+                    color=colors[r["method"]], marker=marker, linewidth=1.4, markersize=3.5,
+                    alpha=1.0 if len(series) == 1 else 0.75)
+        drawn += bool(series)
+    return drawn
+
+
+def loss_chart(rows: Rows, histories: Histories, colors, path: Path) -> Optional[Path]:
+    fig = new_figure()
+    ax = fig.add_subplot()
+    if not _curves(ax, rows, histories, names.TRAIN_LOSS, colors):
+        return None
+    ax.set_title("Training loss", loc="left", fontweight="bold")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(names.TRAIN_LOSS)
+    ax.legend(frameon=False)
+    style_axes(ax, "both")
+    return save_figure(fig, path)
+
+
+def accuracy_chart(rows: Rows, histories: Histories, colors, path: Path) -> Optional[Path]:
+    final = _with(rows, "accuracy")
+    if not final:
+        return None
+    fig = new_figure(10.0, 4.2)
+    left, right = fig.subplots(1, 2, width_ratios=[3, 2])
+    _curves(left, final, histories, names.EVAL_ACCURACY, colors, marker="o")
+    left.set_title("Eval accuracy during training (one line per seed)", loc="left",
+                   fontweight="bold")
+    left.set_xlabel("optimizer step")
+    left.set_ylabel(names.EVAL_ACCURACY)
+    left.legend(frameon=False, fontsize=8)
+    style_axes(left, "both")
+    methods = [r["method"] for r in final]
+    bars = right.bar(methods, [r["accuracy"] for r in final], color=[colors[n] for n in methods],
+                     yerr=_err(final, "accuracy"), error_kw={"ecolor": "#333333", "capsize": 3})
+    right.bar_label(bars, labels=[f"{r['accuracy']:.3f}" for r in final], padding=2, fontsize=8)
+    right.set_ylim(0, 1.08)
+    right.set_title("Final accuracy (mean, 95% CI)", loc="left", fontweight="bold")
+    right.tick_params(axis="x", labelrotation=30)
+    style_axes(right)
+    return save_figure(fig, path)
+
+
+def memory_chart(rows: Rows, colors, path: Path) -> Optional[Path]:
+    rows = _with(rows, "peak_memory_mb")
+    if not rows:
+        return None
+    values = [r["peak_memory_mb"] for r in rows]
+    fig, _ = _barh(rows, values, [f"{v:,.0f} MB" for v in values], colors,
+                   "Peak memory during training", "peak memory (MB)",
+                   _err(rows, "peak_memory_mb"))
+    return save_figure(fig, path)
+
+
+def params_chart(rows: Rows, colors, path: Path) -> Optional[Path]:
+    rows = [r for r in rows if _positive(r.get("trainable_params"))]
+    if not rows:
+        return None
+    values = [r["trainable_params"] for r in rows]
+    labels = [f"{human(v)}" + (f"  ({r['trainable_pct']:.3g}%)" if r.get("trainable_pct")
+                               is not None else "") for v, r in zip(values, rows)]
+    fig, ax = _barh(rows, values, labels, colors, "Trainable parameters (share of all parameters)",
+                    "trainable parameters (log scale)")
+    ax.set_xscale("log")
+    ax.set_xlim(min(values) / 3, max(values) * 12)  # room for the labels on a log axis
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human(v)))
+    return save_figure(fig, path)
+
+
+def pareto_chart(rows: Rows, colors, path: Path) -> Optional[Path]:
+    """Accuracy vs training time with 95% intervals as error bars; starred methods are those no
+    other method beats on both axes beyond the intervals (hollow: not ranked on time)."""
+    rows = _with(rows, "train_time_s", "accuracy")
+    if not rows:
+        return None
+    fig = new_figure(6.6, 4.4)
+    ax = fig.add_subplot()
+    for r in rows:
+        best = bool(r.get("pareto_optimal"))
+        x, y = r["train_time_s"], r["accuracy"]
+        xerr, yerr = _err([r], "train_time_s"), _err([r], "accuracy")
+        if xerr or yerr:
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor=colors[r["method"]],
+                        elinewidth=1.2, capsize=3, zorder=2)
+        ax.scatter(x, y, s=110 if best else 60, zorder=3,
+                   color=colors[r["method"]] if best else "white",
+                   edgecolors="black" if best else colors[r["method"]], linewidths=1.5)
+        mark = " ★" if best else (" ⚠" if r.get("timing_warnings") else "")
+        ax.annotate(r["method"] + mark, (x, y), textcoords="offset points", xytext=(7, 5),
+                    fontsize=9)
+    ax.set_title("Accuracy vs training time (★ = best beyond the 95% intervals)", loc="left",
+                 fontweight="bold")
+    ax.set_xlabel("training time (s), mean over seeds")
+    ax.set_ylabel("final eval/accuracy, mean over seeds")
+    ax.margins(x=0.2, y=0.2)
+    style_axes(ax, "both")
+    return save_figure(fig, path)
+
+
+def draw_all(rows: Rows, histories: Histories, reference: Optional[str], colors,
+             out: Path) -> tuple[list[Chart], list[str]]:
+    """Draw every chart into `out`; return the charts drawn and a note for each one skipped."""
+    no_baseline = "" if reference else " No reference method time, so absolute seconds."
+    specs: list[tuple[str, str, str, Callable[[Path], Optional[Path]]]] = [
+        ("pareto", "Accuracy vs time", "Means over seeds with 95% intervals. Filled points are "
+         "starred: no other method is faster and more accurate beyond the intervals.",
+         lambda p: pareto_chart(rows, colors, p)),
+        ("train_time", "Training time", "Wall-clock training time per method, mean over seeds "
+         "with its 95% interval." + no_baseline,
+         lambda p: time_chart(rows, reference, colors, p)),
+        ("eval_accuracy", "Evaluation accuracy", "eval/accuracy on each run's scoring split "
+         "(the test split for a sweep's final runs) at each evaluation, and the final value.", lambda p: accuracy_chart(rows, histories, colors, p)),
+        ("train_loss", "Training loss", "train/loss per optimizer step.",
+         lambda p: loss_chart(rows, histories, colors, p)),
+        ("model_size", "Model size", "Size of the files written: the whole model (float or "
+         "4-bit) and the adapter-only files.", lambda p: size_chart(rows, colors, p)),
+        ("peak_memory", "Peak memory", "Peak memory while training.",
+         lambda p: memory_chart(rows, colors, p)),
+        ("trainable_params", "Trainable parameters", "Trainable parameters (log scale) and "
+         "their share of all parameters.", lambda p: params_chart(rows, colors, p)),
+    ]
+    charts, notes = [], []
+    for key, title, caption, draw in specs:
+        path = draw(out / f"{key}.png")
+        if path is None:
+            notes.append(f"No {title.lower()} chart: no finished method logged the data for it.")
+        else:
+            charts.append(Chart(key, title, path, caption))
+    return charts, notes
+
+
+def finite(v) -> Optional[float]:
+    """MLflow can hold NaN/inf; the report shows those as missing rather than plotting them."""
+    return None if v is None or not math.isfinite(v) else v

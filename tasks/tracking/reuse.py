@@ -1,0 +1,90 @@
+"""Run-level reuse: a run whose settings, data and code were already trained to FINISHED in the
+same experiment is copied instead of trained again, so a re-run of a sweep costs only the grid
+points that changed, failed or never ran.
+
+The run key hashes everything that decides a run's numbers: the model, the data config and
+the digest of the rows, the method with its grid point applied, the training config with its
+seed, the split it is scored on, the source of the code (`flows/`, `tasks/`, `peft_modules/`),
+the versions of the libraries and the device. A copy is a new child run of the new benchmark
+with the original's params, tags, every metric history and its predictions, config and
+confusion matrix, tagged `peft_bench.reused_from` (its adapter stays in the original run).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, Run, RunTag
+
+from tasks.common import names
+from tasks.config.schema import BenchConfig
+from tasks.tracking import store
+
+CODE_DIRS = ("flows", "tasks", "peft_modules")
+COPIED_ARTIFACTS = (names.PREDICTIONS, "config.yaml", "confusion_matrix.png")
+_NOT_COPIED_TAGS = (names.PARENT, names.OWNER, names.FLOW_RUN_ID, names.FLOW_RUN_NAME,
+                    names.FLOW_RUN_URL, names.WORKER, names.RESUMED)
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """A hash of the source that trains and measures (uncommitted edits included)."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for folder in CODE_DIRS:
+        for path in sorted((root / folder).rglob("*")):
+            if path.is_file() and path.suffix in (".py", ".j2"):
+                h.update(str(path.relative_to(root)).encode())
+                h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_key(cfg: BenchConfig, method_name: str, split: str, data_digest: str,
+            device: str) -> str:
+    from tasks.tracking.runs import versions
+
+    method = next(m for m in cfg.methods if m.name == method_name)
+    training = cfg.training.model_dump(mode="json", exclude={
+        "seeds", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "keep_last"})
+    body = {"model": cfg.model.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json"),
+            "digest": data_digest, "method": method.model_dump(mode="json", exclude={"sweep"}),
+            "training": training, "split": split, "code": code_version(),
+            "versions": versions(), "device": device}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def find_reusable(client: MlflowClient, experiment_id: str, key: str) -> Optional[Run]:
+    runs = store.by_run_key(client, experiment_id, key)
+    originals = [r for r in runs if names.REUSED_FROM not in r.data.tags]
+    return (originals or runs or [None])[0]
+
+
+def copy_run(client: MlflowClient, src: Run, parent_run_id: str, owner: str) -> str:
+    """A FINISHED copy of `src` under `parent_run_id`."""
+    origin = src.data.tags.get(names.REUSED_FROM, src.info.run_id)
+    tags = {k: v for k, v in src.data.tags.items()
+            if not k.startswith("mlflow.") and k not in _NOT_COPIED_TAGS}
+    tags.update({names.PARENT: parent_run_id, names.REUSED_FROM: origin, names.OWNER: owner})
+    run = client.create_run(src.info.experiment_id, run_name=src.info.run_name, tags=tags)
+    rid = run.info.run_id
+    params = [Param(k, v) for k, v in src.data.params.items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(rid, params=params[i:i + 100])
+    metrics: list[Metric] = []
+    for key in src.data.metrics:
+        metrics += client.get_metric_history(src.info.run_id, key)
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(rid, metrics=metrics[i:i + 1000])
+    with tempfile.TemporaryDirectory() as tmp:
+        present = {a.path for a in client.list_artifacts(src.info.run_id)}
+        for name in COPIED_ARTIFACTS:
+            if name in present:
+                client.log_artifact(rid, client.download_artifacts(src.info.run_id, name, tmp))
+    client.log_batch(rid, tags=[RunTag(names.OWNER, owner)])
+    client.set_terminated(rid, "FINISHED")
+    return rid
