@@ -1,4 +1,16 @@
-"""Our LoRA, DoRA and QLoRA adapters: pure torch (bitsandbytes only in quant.py).
+"""Our LoRA, DoRA and QLoRA adapters.
+
+Depends on torch; transformers only for GPT-2's `Conv1D` layer type (layers.py); safetensors
+for the adapter files (formats/); pydantic for the spec (spec.py); bitsandbytes, optional and
+only in quant.py, for QLoRA's 4-bit base layers. Hugging Face peft is not imported: hf_peft.py
+writes and reads its layout by itself.
+
+    layers    LoRALinear, DoRALinear: wrap nn.Linear, Conv1D or a 4-bit Linear4bit
+    inject    find the target layers, put adapters in, merge or take them out, count params
+    quant     the one place that imports bitsandbytes: 4-bit checks, dequantise, matmul
+    spec      AdapterSpec: method, target layers, hyper-parameters; default targets per model
+    formats/  adapters on disk: native (ours), hf_peft (peft's layout), detect (which one a
+              folder holds, and loading either), common (what both share)
 
 The names below are imported on first use (PEP 562), so that `peft_modules.spec` (a pydantic
 model, used to validate configs) can be imported without paying for torch: a bad config is

@@ -1,5 +1,5 @@
 """The one place that imports bitsandbytes. Everything 4-bit the adapters need goes through here,
-so the rest of peft_modules stays pure torch and runs where bitsandbytes is absent."""
+so the rest of peft_modules runs where bitsandbytes is absent."""
 from __future__ import annotations
 
 import torch

@@ -81,16 +81,19 @@ def with_label_names(table: pd.DataFrame, label_names: Optional[list[str]]) -> p
 
 
 def confusion_figure(cm: np.ndarray, title: str, label_names: Optional[list[str]] = None):
-    """The confusion matrix as a matplotlib figure (the caller closes it): rows are the true
-    classes, columns the predicted ones, ticks their names when known, else their ids."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The confusion matrix as a matplotlib Figure: rows are the true classes, columns the
+    predicted ones, ticks their names when known, else their ids. Built with the object API on
+    an Agg canvas, never through pyplot (as tasks/reporting/charts.py): no display, no global
+    state shared between Prefect worker threads, nothing to close."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     n = len(cm)
     ticks = list(label_names) if label_names is not None else [str(i) for i in range(n)]
     side = max(3.2, 0.6 * n + 2)  # room for a few more classes than two
-    fig, ax = plt.subplots(figsize=(side + 0.4, side), dpi=120)
+    fig = Figure(figsize=(side + 0.4, side), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center",
@@ -106,13 +109,7 @@ def confusion_figure(cm: np.ndarray, title: str, label_names: Optional[list[str]
 
 def plot_confusion(cm: np.ndarray, path: Path, title: str,
                    label_names: Optional[list[str]] = None) -> Path:
-    fig = confusion_figure(cm, title, label_names)  # selects the Agg backend first
-    import matplotlib.pyplot as plt
-
-    try:
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
+    confusion_figure(cm, title, label_names).savefig(path)
     return path
 
 

@@ -31,7 +31,7 @@ Label = Union[int, str]  # an id, or a class name (stripped)
 
 class DataError(ValueError):
     """Data that cannot be used; the message names the file or hub id, the column and the line.
-    (Defined here, the lowest module of the data path; `tasks.data.dataset` re-exports it.)"""
+    (Defined here, the lowest module of the data path, and imported from here everywhere.)"""
 
 
 def _is_null(value: Any) -> bool:

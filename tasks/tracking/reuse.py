@@ -4,10 +4,11 @@ points that changed, failed or never ran.
 
 The run key hashes everything that decides a run's numbers: the model, the data config and
 the digest of the rows, the method with its grid point applied, the training config with its
-seed, the split it is scored on, the source of the code (`flows/`, `tasks/`, `peft_modules/`),
-the versions of the libraries and the device. A copy is a new child run of the new benchmark
-with the original's params, tags, every metric history and its predictions, config and
-confusion matrix, tagged `peft_bench.reused_from` (its adapter stays in the original run).
+seed, the split it is scored on, the source of the code that computes or records them
+(`REUSE_CODE`), the versions of the libraries and the device. A copy is a new child run of the
+new benchmark with the original's params, tags, every metric history and its predictions,
+config and confusion matrix, tagged `peft_bench.reused_from` (its adapter stays in the
+original run).
 """
 from __future__ import annotations
 
@@ -25,21 +26,45 @@ from tasks.common import names
 from tasks.config.schema import BenchConfig
 from tasks.tracking import store
 
-CODE_DIRS = ("flows", "tasks", "peft_modules")
+# The source `code_version` hashes: what changes the numbers a run computes or what a copy of it
+# carries. An edit anywhere else leaves every finished run reusable.
+REUSE_CODE = (
+    "peft_modules",        # the adapters themselves: layers, injection, quantisation, formats
+    "tasks/prepare.py",    # which rows, cleaned and tokenised how
+    "tasks/data",          # reading, labels, collation and batching
+    "tasks/load.py",       # the base model, its dtype/quantisation, the adapter injected into it
+    "tasks/models",        # where model files come from and how they are pinned
+    "tasks/train.py",      # the training loop
+    "tasks/training",      # checkpoints, peak memory and the machine-load share a run records
+    "tasks/evaluate.py",   # the scores, the predictions and the confusion matrix
+    "tasks/common/names.py",  # metric, param and tag names: the names a copy carries
+    "flows/finetune.py",   # one run end to end: what it trains, scores and logs
+)
+# Out: flows/cli/ (commands, help text, display), flows/orchestration/ and flows/benchmark.py
+# (which runs are dispatched where; each run's own numbers come from finetune), flows/infra/
+# (servers), tasks/reporting/, tasks/report.py, tasks/analysis/ and tasks/conclude.py (read
+# finished runs and summarise them, so a copy is reported by whatever code reads it),
+# tasks/tracking/ (MLflow plumbing), tasks/config/ (the settings are in the key as values) and
+# the rest of tasks/common/ (errors, progress, secrets).
+REUSE_SUFFIXES = (".py",)
 COPIED_ARTIFACTS = (names.PREDICTIONS, "config.yaml", "confusion_matrix.png")
 _NOT_COPIED_TAGS = (names.PARENT, names.OWNER, names.FLOW_RUN_ID, names.FLOW_RUN_NAME,
                     names.FLOW_RUN_URL, names.WORKER, names.RESUMED)
 
 
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """A hash of the source that trains and measures (uncommitted edits included)."""
-    root = Path(__file__).resolve().parents[2]
+@lru_cache(maxsize=8)
+def code_version(root: Optional[Path] = None) -> str:
+    """A hash of the `REUSE_CODE` source under `root` (this checkout when None), uncommitted edits
+    included."""
+    root = Path(__file__).resolve().parents[2] if root is None else Path(root)
     h = hashlib.sha256()
-    for folder in CODE_DIRS:
-        for path in sorted((root / folder).rglob("*")):
-            if path.is_file() and path.suffix in (".py", ".j2"):
-                h.update(str(path.relative_to(root)).encode())
+    for entry in REUSE_CODE:
+        top = root / entry
+        files = sorted(top.rglob("*")) if top.is_dir() else [top]
+        h.update(entry.encode() + (b"" if top.exists() else b" missing"))
+        for path in files:
+            if path.is_file() and path.suffix in REUSE_SUFFIXES:
+                h.update(path.relative_to(root).as_posix().encode())
                 h.update(path.read_bytes())
     return h.hexdigest()[:16]
 

@@ -2,14 +2,18 @@
 
 A timing taken while another job ran is not a property of the method. This module measures,
 over a window, the CPU time that processes *outside our own process tree* used, as a share of
-the machine's capacity (wall time × CPUs):
+the capacity of the CPUs this process may run on (wall time × CPUs in its affinity set):
 
-    other_share = (busy CPU time of the machine − CPU time of this process and its children)
-                  / (wall seconds × CPU count)
+    other_share = (busy CPU time of the CPUs in our affinity set
+                   − CPU time of this process and its children)
+                  / (wall seconds × CPUs in our affinity set)
 
-Busy time is `user + nice + system + irq + softirq + steal` from /proc/stat (psutil): steal is
-time a hypervisor gave to other guests, which a benchmark loses just the same. On CUDA it also
-samples which other processes hold a context on the same GPU (NVML, else `nvidia-smi`).
+Numerator and denominator count the same CPUs: under a cpuset (Docker `--cpuset-cpus`, SLURM,
+Kubernetes) the host's other CPUs are busy with jobs that cannot slow ours, so their time is not
+counted. Busy time is `user + nice + system + irq + softirq + steal` per CPU from /proc/stat
+(psutil): steal is time a hypervisor gave to other guests, which a benchmark loses just the same.
+On CUDA it also samples which other processes hold a context on the same GPU (NVML, else
+`nvidia-smi`).
 
 Pure psutil/stdlib: benchmarks and the training loop both use it, neither needs Prefect or MLflow.
 """
@@ -30,9 +34,43 @@ import psutil
 DEFAULT_THRESHOLD = 0.2
 
 
-def _busy_seconds() -> float:
-    t = psutil.cpu_times()
-    return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+BUSY_FIELDS = ("user", "nice", "system", "irq", "softirq", "steal")
+
+
+def _stat_cpu_ids() -> Optional[list[int]]:
+    """The ids of /proc/stat's `cpuN` lines, in order; None where there is no /proc/stat.
+
+    psutil lists those lines in order, and the kernel leaves offline CPUs out (e.g. SMT turned
+    off), so list position N is not always CPU N."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            return [int(line.split()[0][3:]) for line in f
+                    if line.startswith(b"cpu") and line[3:4].isdigit()]
+    except (OSError, ValueError):
+        return None
+
+
+def _per_cpu_times() -> dict:
+    """CPU id -> psutil's times of that CPU."""
+    times = psutil.cpu_times(percpu=True)
+    ids = _stat_cpu_ids()
+    if ids is None or len(ids) != len(times):
+        ids = list(range(len(times)))
+    return dict(zip(ids, times))
+
+
+def _affinity() -> Optional[frozenset[int]]:
+    """The CPUs this process may run on; None where the OS does not say (all CPUs)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return frozenset(os.sched_getaffinity(0)) or None
+    return None
+
+
+def _busy_seconds(cpus: Optional[frozenset[int]]) -> float:
+    """Busy time summed over `cpus` (all CPUs when None)."""
+    per_cpu = _per_cpu_times()
+    return sum(getattr(t, f, 0.0) for cpu, t in per_cpu.items()
+               if cpus is None or cpu in cpus for f in BUSY_FIELDS)
 
 
 def _own_seconds(proc: psutil.Process) -> float:
@@ -49,10 +87,13 @@ def _own_seconds(proc: psutil.Process) -> float:
     return total
 
 
+def _n_cpus(cpus: Optional[frozenset[int]]) -> int:
+    return len(cpus) if cpus else (psutil.cpu_count() or 1)
+
+
 def cpu_count() -> int:
-    with contextlib.suppress(AttributeError, OSError):
-        return len(os.sched_getaffinity(0)) or 1
-    return psutil.cpu_count() or 1
+    """CPUs this process may run on (its affinity set, else all of them)."""
+    return _n_cpus(_affinity())
 
 
 def other_gpu_processes(device_index: int = 0) -> Optional[set[int]]:
@@ -83,14 +124,15 @@ def other_gpu_processes(device_index: int = 0) -> Optional[set[int]]:
 @dataclass
 class LoadReading:
     wall_s: float
-    cpus: int
+    cpus: int  # CPUs in the affinity set: the ones other_cpu_s was counted on
     other_cpu_s: float
     gpu_others: Optional[int] = None  # most other GPU processes seen at once; None: not sampled
     gpu_pids: set[int] = field(default_factory=set)
 
     @property
     def other_share(self) -> float:
-        """Share of the machine's CPU capacity that other processes used (0..1)."""
+        """Share of the capacity of our CPUs (`cpus`: the affinity set) that other processes
+        used (0..1)."""
         if self.wall_s <= 0:
             return 0.0
         return min(1.0, max(0.0, self.other_cpu_s / (self.wall_s * self.cpus)))
@@ -123,7 +165,10 @@ class MachineLoad:
                 return
 
     def __enter__(self) -> "MachineLoad":
-        self._t0, self._busy0, self._own0 = (time.perf_counter(), _busy_seconds(),
+        # One affinity set for the whole window: the CPUs whose busy time is counted are the
+        # CPUs whose capacity is the denominator.
+        self._cpus = _affinity()
+        self._t0, self._busy0, self._own0 = (time.perf_counter(), _busy_seconds(self._cpus),
                                              _own_seconds(self._proc))
         if self.gpu_index is not None:
             self._thread = threading.Thread(target=self._sample_gpu, daemon=True)
@@ -135,6 +180,7 @@ class MachineLoad:
             self._stop.set()
             self._thread.join(timeout=10)
         wall = time.perf_counter() - self._t0
-        other = (_busy_seconds() - self._busy0) - (_own_seconds(self._proc) - self._own0)
-        self.reading = LoadReading(wall, cpu_count(), max(0.0, other), self._gpu_max,
+        other = ((_busy_seconds(self._cpus) - self._busy0)
+                 - (_own_seconds(self._proc) - self._own0))
+        self.reading = LoadReading(wall, _n_cpus(self._cpus), max(0.0, other), self._gpu_max,
                                    set(self._gpu_pids))
