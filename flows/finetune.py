@@ -104,9 +104,9 @@ def start_child_run(cfg: BenchConfig, method: MethodConfig, parent_run_id: str,
 def log_eval(run_id: str, cfg: BenchConfig, ev: EvalResult, step: int) -> None:
     m = ev.metrics
     tracking.log_metrics(run_id, cfg.tracking, {
-        names.EVAL_ACCURACY: m["accuracy"], names.EVAL_F1: m["f1_macro"],
-        names.EVAL_PRECISION: m["precision"], names.EVAL_RECALL: m["recall"],
-        names.EVAL_LOSS: m["loss"], names.EVAL_RATE: m["samples_per_s"]}, step)
+        names.EVAL_ACCURACY: m[names.ACCURACY], names.EVAL_F1: m[names.F1_MACRO],
+        names.EVAL_PRECISION: m[names.PRECISION], names.EVAL_RECALL: m[names.RECALL],
+        names.EVAL_LOSS: m["loss"], names.EVAL_RATE: m[names.EVAL_SAMPLES_PER_S]}, step)
 
 
 def evaluate(cfg: BenchConfig, model, data: PreparedData, device: torch.device,
@@ -176,8 +176,8 @@ def log_outputs(run_id: str, cfg: BenchConfig, method: MethodConfig, model, ev: 
     adapter_dir = out / names.ADAPTER_ARTIFACTS
     weights = save_weights(cfg, method, model, adapter_dir, label_names)
     with_label_names(ev.predictions, label_names).to_csv(out / names.PREDICTIONS, index=False)
-    plot_confusion(ev.confusion, out / "confusion_matrix.png", method.name, label_names)
-    for name in (names.PREDICTIONS, "confusion_matrix.png"):
+    plot_confusion(ev.confusion, out / names.CONFUSION_MATRIX, method.name, label_names)
+    for name in (names.PREDICTIONS, names.CONFUSION_MATRIX):
         tracking.log_artifact(run_id, cfg.tracking, out / name)
     tracking.log_config(run_id, cfg)
     if cfg.tracking.log_weights:
@@ -209,16 +209,16 @@ def run_method(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_i
     tracking.log_history(run_id, cfg.tracking, names.STEP_TIME, res.step_times)
     tracking.set_tags(run_id, cfg.tracking, {**timing_tags(method.name, res, cfg),
                                              names.RUN_NOTE: run_note(cfg, method, {
-        **summary_metrics, names.EVAL_ACCURACY: ev.metrics["accuracy"],
-        names.EVAL_F1: ev.metrics["f1_macro"]})})
+        **summary_metrics, names.EVAL_ACCURACY: ev.metrics[names.ACCURACY],
+        names.EVAL_F1: ev.metrics[names.F1_MACRO]})})
     if res.resumed_from is not None:
         tracking.set_tags(run_id, cfg.tracking, {names.RESUMED: str(res.resumed_from)})
     if res.resume_note:  # a damaged checkpoint was skipped: the run says which, and why
         tracking.set_tags(run_id, cfg.tracking, {names.RESUME_NOTE: res.resume_note[:5000]})
     if not cfg.training.keep_checkpoints:
         checkpoint.clear(Path(cfg.training.checkpoint_dir) / run_id)
-    return {**summary_metrics, names.EVAL_ACCURACY: ev.metrics["accuracy"],
-            names.EVAL_F1: ev.metrics["f1_macro"]}
+    return {**summary_metrics, names.EVAL_ACCURACY: ev.metrics[names.ACCURACY],
+            names.EVAL_F1: ev.metrics[names.F1_MACRO]}
 
 
 def summary_of(res: TrainResult, summary: pm.AdapterSummary, ev: EvalResult, peak_mb: float,
@@ -229,9 +229,9 @@ def summary_of(res: TrainResult, summary: pm.AdapterSummary, ev: EvalResult, pea
            names.TRAINABLE_PARAMS: summary.trainable_params,
            names.TOTAL_PARAMS: summary.total_params, names.TRAINABLE_PCT: summary.trainable_pct,
            names.MODEL_SIZE: model_size_mb, names.ADAPTER_SIZE: adapter_mb,
-           names.EVAL_TIME: ev.metrics["eval_time_s"],
+           names.EVAL_TIME: ev.metrics[names.EVAL_TIME],
            names.PERIODIC_EVAL_TIME: res.periodic_eval_s,
-           names.EVAL_SAMPLES_PER_S: ev.metrics["samples_per_s"]}
+           names.EVAL_SAMPLES_PER_S: ev.metrics[names.EVAL_SAMPLES_PER_S]}
     if res.load is not None:
         out[names.OTHER_CPU_SHARE] = res.load.other_share
         if res.load.gpu_others is not None:

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
+from tasks.common import names
 from tasks.data.collate import SplitData, make_loader
 from tasks.train import NonFiniteError, autocast
 
@@ -30,8 +31,8 @@ def compute_metrics(labels, preds, num_labels: int) -> dict[str, float]:
     classes = list(range(num_labels))
     p, r, f1, _ = precision_recall_fscore_support(labels, preds, labels=classes,
                                                   average="macro", zero_division=0)
-    return {"accuracy": float(accuracy_score(labels, preds)), "f1_macro": float(f1),
-            "precision": float(p), "recall": float(r)}
+    return {names.ACCURACY: float(accuracy_score(labels, preds)), names.F1_MACRO: float(f1),
+            names.PRECISION: float(p), names.RECALL: float(r)}
 
 
 @torch.no_grad()
@@ -59,8 +60,8 @@ def evaluate_model(model: nn.Module, data: SplitData, num_labels: int, pad_token
                              "weights diverged; its predictions are not usable")
     labels, preds = np.asarray(data.labels), p.argmax(-1)
     metrics = compute_metrics(labels, preds, num_labels)
-    metrics.update(loss=loss_sum / len(labels), eval_time_s=elapsed,
-                   samples_per_s=len(labels) / max(elapsed, 1e-9))
+    metrics.update({"loss": loss_sum / len(labels), names.EVAL_TIME: elapsed,
+                    names.EVAL_SAMPLES_PER_S: len(labels) / max(elapsed, 1e-9)})
     table = pd.DataFrame({"label": labels, "prediction": preds,
                           **{f"p_{k}": p[:, k] for k in range(p.shape[1])}})
     if texts is not None:

@@ -35,6 +35,7 @@ from tasks.common import names
 from tasks.reporting import outdir
 from tasks.reporting.charts import Chart, draw_all, method_colors
 from tasks.reporting.charts_sweep import draw_sweep, frontier
+from tasks.reporting.context import ReportContext
 from tasks.reporting.render import parent_note, render_html, render_markdown, verdict_rows
 from tasks.tracking import store
 from tasks.tracking.runs import ui_path
@@ -131,16 +132,17 @@ def method_row(agg: MethodAggregate) -> dict:
     with std and 95% interval bounds for the aggregated numbers."""
     row = {"method": agg.method, "kind": agg.kind, "status": agg.status,
            names.N_SEEDS: len(agg.finished), "seeds": [r.seed for r in agg.runs],
-           "failed_seeds": [r.seed for r in agg.failures],
-           "run_ids": [r.run_id for r in agg.runs],
+           names.FAILED_SEEDS: [r.seed for r in agg.failures],
+           names.RUN_IDS: [r.run_id for r in agg.runs],
            "error": "; ".join(f"seed {r.seed}: {r.error}" for r in agg.failures) or None,
-           "timing_warnings": agg.timing_warnings}
+           names.TIMING_WARNINGS: agg.timing_warnings}
     for key in names.CHILD_METRICS:
         iv = agg.stats.get(key)
         row[key] = None if iv is None else iv.mean
         if key in names.AGGREGATED:
-            row[f"{key}_std"] = None if iv is None else iv.std
-            row[f"{key}_ci"] = None if iv is None or not iv.has_interval else [iv.low, iv.high]
+            row[names.row_std(key)] = None if iv is None else iv.std
+            row[names.row_ci(key)] = (None if iv is None or not iv.has_interval
+                                      else [iv.low, iv.high])
     for key in names.INTEGER_KEYS:
         if row[key] is not None and float(row[key]).is_integer():
             row[key] = int(row[key])
@@ -148,47 +150,49 @@ def method_row(agg: MethodAggregate) -> dict:
 
 
 def _derive(rows: list[dict], summary: Summary, notes: list[str]) -> None:
-    ref = next((r for r in rows if r["method"] == summary.reference and r["train_time_s"]), None)
+    time, acc = names.TRAIN_TIME, names.ACCURACY
+    ref = next((r for r in rows if r["method"] == summary.reference and r[time]), None)
     if ref is None:
         notes.append("The reference method has no training time: times are shown in absolute "
                      "seconds, not relative to it.")
     for r in rows:
-        t = r["train_time_s"]
-        r["train_time_pct_of_ref"] = (None if ref is None or t is None else
-                                      100.0 if r is ref else 100 * t / ref["train_time_s"])
+        t = r[time]
+        r[names.PCT_OF_REF_TIME] = (None if ref is None or t is None else
+                                    100.0 if r is ref else 100 * t / ref[time])
     # A method is starred when no other method is better on both axes beyond the intervals.
     # Methods with contaminated timings are not ranked on time at all.
     aggs = {m.method: m for m in summary.methods.values()}
-    points = {r["method"]: (aggs[r["method"]].stats["train_time_s"],
-                            aggs[r["method"]].stats["accuracy"]) for r in rows
-              if r[names.N_SEEDS] and "train_time_s" in aggs[r["method"]].stats
-              and "accuracy" in aggs[r["method"]].stats and not r["timing_warnings"]}
+    points = {r["method"]: (aggs[r["method"]].stats[time], aggs[r["method"]].stats[acc])
+              for r in rows if r[names.N_SEEDS] and time in aggs[r["method"]].stats
+              and acc in aggs[r["method"]].stats and not r[names.TIMING_WARNINGS]}
     best = pareto_beyond_noise(points)
     for r in rows:
-        r["pareto_optimal"] = (r["method"] in best) if r["method"] in points else None
+        r[names.PARETO_OPTIMAL] = (r["method"] in best) if r["method"] in points else None
 
 
 # (key, question, budget format, unit) of the budget answers
-BUDGETS = (("peak_memory_mb", "memory", "{:,.0f}", "MB"), ("train_time_s", "time", "{:,.1f}", "s"))
+BUDGETS = ((names.PEAK_MEMORY, "memory", "{:,.0f}", "MB"), (names.TRAIN_TIME, "time", "{:,.1f}", "s"))
 
 
 def budget_answers(finished: list[dict]) -> Optional[dict]:
     """Under a memory (time) budget, the most accurate method that fits: one line each, the
     Pareto staircase of the finished methods' mean accuracy against their mean peak memory
     (training time). Methods with contaminated timings sit out the time answer."""
-    if not any(r.get("accuracy") is not None for r in finished):
+    acc = names.ACCURACY
+    if not any(r.get(acc) is not None for r in finished):
         return None
     out = {}
     for key, question, fmt, unit in BUDGETS:
-        tainted = [r["method"] for r in finished if key == "train_time_s" and r["timing_warnings"]]
-        steps = [{"method": r["method"], "budget": r[key], "accuracy": r["accuracy"]}
+        tainted = [r["method"] for r in finished
+                   if key == names.TRAIN_TIME and r[names.TIMING_WARNINGS]]
+        steps = [{"method": r["method"], "budget": r[key], acc: r[acc]}
                  for r in frontier([r for r in finished if r["method"] not in tainted
-                                    and r.get(key) is not None and r.get("accuracy") is not None],
-                                   cost=lambda r: r[key], accuracy=lambda r: r["accuracy"])]
+                                    and r.get(key) is not None and r.get(acc) is not None],
+                                   cost=lambda r: r[key], accuracy=lambda r: r[acc])]
         if not steps:
             continue
         text = "; ".join(f"≥ {fmt.format(s['budget'])} {unit} → {s['method']} "
-                         f"({s['accuracy']:.3f})" for s in steps)
+                         f"({s[acc]:.3f})" for s in steps)
         note = (f"Left out: {', '.join(tainted)} (timing contaminated by other processes)."
                 if tainted else None)
         out[question] = {"label": f"Under a {question} budget", "text": text, "note": note,
@@ -210,9 +214,8 @@ def _selection_split(client: MlflowClient, summary: Summary, params: dict) -> Op
 
 def _grid_row(method: str, g, metric: str) -> dict:
     return {"method": method, "point": g.label, "status": g.status, "value": g.metrics.get(metric),
-            "train_time_s": g.metrics.get("train_time_s"),
-            "peak_memory_mb": g.metrics.get("peak_memory_mb"),
-            "trainable_params": g.metrics.get("trainable_params"),
+            **{k: g.metrics.get(k) for k in (names.TRAIN_TIME, names.PEAK_MEMORY,
+                                              names.TRAINABLE_PARAMS)},
             "reused": g.reused_from is not None, "chosen": g.chosen, "run_id": g.run_id}
 
 
@@ -222,7 +225,7 @@ def sweep_context(client: MlflowClient, summary: Summary, params: dict,
     if not summary.grids:
         return None
     metric = params.get("sweep.metric")
-    metric = metric if metric in names.CHILD_METRICS else "accuracy"
+    metric = metric if metric in names.CHILD_METRICS else names.ACCURACY
     order = [r["method"] for r in rows]
     methods = [m for m in order if m in summary.grids] + [m for m in summary.grids
                                                           if m not in order]
@@ -237,7 +240,8 @@ def sweep_context(client: MlflowClient, summary: Summary, params: dict,
                        "value": best.metrics.get(metric) if best else None,
                        "points": len(points), "finished": done, "failed": len(points) - done,
                        "reused": sum(g.reused_from is not None for g in points),
-                       "accuracy": final.get("accuracy"), "accuracy_ci": final.get("accuracy_ci"),
+                       **{k: final.get(k) for k in (names.ACCURACY,
+                                                    names.row_ci(names.ACCURACY))},
                        names.N_SEEDS: final.get(names.N_SEEDS, 0)})
         grid += [_grid_row(m, g, metric) for g in points]
     return {"metric": metric, "metric_name": names.CHILD_METRICS[metric],
@@ -274,7 +278,7 @@ def reused_finals(summary: Summary) -> list[dict]:
 
 # ---------------------------------------------------------------- the report
 
-def _context(client: MlflowClient, parent_run_id: str, tracking_uri: str) -> dict:
+def _context(client: MlflowClient, parent_run_id: str, tracking_uri: str) -> ReportContext:
     parent = get_parent(client, parent_run_id)
     summary = summarize(client, parent)
     notes = list(summary.notes)
@@ -292,51 +296,48 @@ def _context(client: MlflowClient, parent_run_id: str, tracking_uri: str) -> dic
     sweep = sweep_context(client, summary, parent.data.params, rows)
     header = {**_header(client, parent, tracking_uri, summary),
               **_splits(client, parent, summary, sweep)}
-    return {"header": header, "summary": rows, "budget": budget_answers(finished),
-            "sweep": sweep, "grids": summary.grids, "reused": reused_finals(summary),
-            "finished": finished, "failures": failures, "notes": notes,
-            "verdicts": verdict_rows(summary.comparisons),
-            "regressions": Check.from_json(parent.data.tags.get(names.REGRESSIONS)),
-            "timing_warnings": [w for r in rows for w in r["timing_warnings"]],
-            "histories": _histories(client, [m for m in summary.methods.values() if m.finished]),
-            "colors": method_colors([r["method"] for r in rows]),
-            "random_init_text": "The base model was randomly initialised (no pretrained weights "
-            "were loaded), so these accuracies say nothing about pretrained models; use this run "
-            "only to check that the pipeline works and to compare time and memory."}
+    return ReportContext(
+        header=header, summary=rows, finished=finished, failures=failures, notes=notes,
+        budget=budget_answers(finished), sweep=sweep, grids=summary.grids,
+        reused=reused_finals(summary), verdicts=verdict_rows(summary.comparisons),
+        regressions=Check.from_json(parent.data.tags.get(names.REGRESSIONS)),
+        timing_warnings=[w for r in rows for w in r[names.TIMING_WARNINGS]],
+        histories=_histories(client, [m for m in summary.methods.values() if m.finished]),
+        colors=method_colors([r["method"] for r in rows]))
 
 
-def _charts(ctx: dict, work: Path) -> list[Chart]:
-    charts, notes = draw_all(ctx["finished"], ctx["histories"], ctx["header"]["reference"],
-                             ctx["colors"], work)
-    sweep = ctx["sweep"]
+def _charts(ctx: ReportContext, work: Path) -> list[Chart]:
+    charts, notes = draw_all(ctx.finished, ctx.histories, ctx.header["reference"], ctx.colors,
+                             work)
+    sweep = ctx.sweep
     if sweep:
-        colors = method_colors([r["method"] for r in ctx["summary"]]  # same order: same colours
-                               + [m for m in ctx["grids"] if m not in ctx["colors"]])
-        more, more_notes = draw_sweep({c["method"]: ctx["grids"][c["method"]]
+        colors = method_colors([r["method"] for r in ctx.summary]  # same order: same colours
+                               + [m for m in ctx.grids if m not in ctx.colors])
+        more, more_notes = draw_sweep({c["method"]: ctx.grids[c["method"]]
                                        for c in sweep["chosen"]}, sweep["metric"],
                                       sweep["selection_split"], colors, work)
         charts, notes = charts + more, notes + more_notes
-    ctx["charts"], ctx["notes"] = charts, ctx["notes"] + notes
+    ctx.charts, ctx.notes = charts, ctx.notes + notes
     return charts
 
 
-def _write(ctx: dict, work: Path) -> list[Chart]:
+def _write(ctx: ReportContext, work: Path) -> list[Chart]:
     charts = _charts(ctx, work)
-    reg, h = ctx["regressions"], ctx["header"]
+    reg, h = ctx.regressions, ctx.header
     summary = {"parent_run_id": h["parent_run_id"],
                "benchmark": h["benchmark"], "seeds": h["seeds"],
                "random_init": h["random_init"], "reference": h["reference"],
-               "budget_answers": ctx["budget"],
+               "budget_answers": ctx.budget,
                "splits": {k: h[k] for k in ("scored_on", "selected_on", "optimistic")},
-               "chart_methods": [r["method"] for r in ctx["finished"]],
-               "methods": ctx["summary"], "verdicts": ctx["verdicts"],
-               "sweep": ctx["sweep"], "reused_finals": ctx["reused"],
+               "chart_methods": [r["method"] for r in ctx.finished],
+               "methods": ctx.summary, "verdicts": ctx.verdicts,
+               "sweep": ctx.sweep, "reused_finals": ctx.reused,
                "regressions": [f.message for f in reg.flags] if reg else None,
-               "timing_warnings": ctx["timing_warnings"], "notes": ctx["notes"]}
+               names.TIMING_WARNINGS: ctx.timing_warnings, "notes": ctx.notes}
     text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
-    (work / "summary.json").write_text(text, encoding="utf-8")
-    (work / "report.md").write_text(render_markdown(ctx), encoding="utf-8")
-    (work / "report.html").write_text(render_html(ctx), encoding="utf-8")
+    (work / names.SUMMARY_JSON).write_text(text, encoding="utf-8")
+    (work / names.REPORT_MD).write_text(render_markdown(ctx), encoding="utf-8")
+    (work / names.REPORT_HTML).write_text(render_html(ctx), encoding="utf-8")
     return charts
 
 
@@ -345,7 +346,7 @@ def generate_report(parent_run_id: str, tracking_uri: str, out_dir: Path) -> Rep
     log them to the parent run under `report/`."""
     client = MlflowClient(tracking_uri)
     ctx = _context(client, parent_run_id, tracking_uri)  # fails before anything is written
-    run_id = ctx["header"]["parent_run_id"]
+    run_id = ctx.header["parent_run_id"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{run_id}.", suffix=".tmp", dir=out_dir))
@@ -360,8 +361,9 @@ def generate_report(parent_run_id: str, tracking_uri: str, out_dir: Path) -> Rep
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return ReportResult(dir=dest, markdown_path=dest / "report.md", html_path=dest / "report.html",
-                        summary=ctx["summary"], charts=[dest / c.path.name for c in charts])
+    return ReportResult(dir=dest, markdown_path=dest / names.REPORT_MD,
+                        html_path=dest / names.REPORT_HTML, summary=ctx.summary,
+                        charts=[dest / c.path.name for c in charts])
 
 
 @task(name="generate-report", cache_policy=NO_CACHE)

@@ -74,4 +74,6 @@ def test_the_install_warns_about_no_package(tmp_path):
     wheel = next(tmp_path.glob("peft_bench-*.whl"))
     import zipfile
 
-    assert "tasks/reporting/templates/report.html.j2" in zipfile.ZipFile(wheel).namelist()
+    shipped = zipfile.ZipFile(wheel).namelist()
+    for template in ("report.html.j2", "report.md.j2", "tables.md.j2", "note.md.j2"):
+        assert f"tasks/reporting/templates/{template}" in shipped

@@ -12,15 +12,16 @@ from tasks.common import names
 from tasks.reporting.render import verdict_rows
 
 # (header, summary key, format, with its interval)
-COLUMNS = [("accuracy", "accuracy", "{:.4f}", True), ("f1", "f1_macro", "{:.4f}", True),
-           ("train s", "train_time_s", "{:.1f}", True),
-           ("step ms", "step_time_median_s", None, True),
-           ("samples/s", "samples_per_s", "{:.1f}", True),
-           ("peak MB", "peak_memory_mb", "{:.0f}", True),
-           ("trainable", "trainable_params", "{:,.0f}", False),
-           ("trainable %", "trainable_pct", "{:.3f}", False),
-           ("model MB", "model_size_mb", "{:.2f}", False),
-           ("adapter MB", "adapter_size_mb", "{:.3f}", False)]
+COLUMNS = [("accuracy", names.ACCURACY, "{:.4f}", True), ("f1", names.F1_MACRO, "{:.4f}", True),
+           ("train s", names.TRAIN_TIME, "{:.1f}", True),
+           ("step ms", names.STEP_TIME_MEDIAN, None, True),
+           ("samples/s", names.SAMPLES_PER_S, "{:.1f}", True),
+           ("peak MB", names.PEAK_MEMORY, "{:.0f}", True),
+           ("trainable", names.TRAINABLE_PARAMS, "{:,.0f}", False),
+           ("trainable %", names.TRAINABLE_PCT, "{:.3f}", False),
+           ("model MB", names.MODEL_SIZE, "{:.2f}", False),
+           ("adapter MB", names.ADAPTER_SIZE, "{:.3f}", False)]
+TIMING = (names.TRAIN_TIME, names.STEP_TIME_MEDIAN, names.SAMPLES_PER_S)  # marked when contaminated
 
 
 def _cell(summary_agg, key: str, fmt: Optional[str], with_ci: bool) -> str:
@@ -31,7 +32,7 @@ def _cell(summary_agg, key: str, fmt: Optional[str], with_ci: bool) -> str:
     text = f(iv.mean)
     if with_ci and iv.has_interval:
         text += " ± " + f((iv.high - iv.low) / 2)
-    if key in ("train_time_s", "step_time_median_s", "samples_per_s") and summary_agg.timing_warnings:
+    if key in TIMING and summary_agg.timing_warnings:
         text += " ⚠"
     return text
 

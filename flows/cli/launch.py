@@ -19,6 +19,7 @@ from typing import Optional
 
 import yaml
 
+from tasks.common import names
 from tasks.common.secrets import redact, register
 from tasks.config.build import build_config, load_config, tracking_from_files
 from tasks.config.schema import BenchConfig, ConfigError
@@ -86,7 +87,7 @@ def resumed_config(parent_run_id: str, overrides: list[str]) -> dict:
         raise LaunchError(str(e), BAD_INPUT) from None
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            path = client.download_artifacts(parent_run_id, "config.yaml", tmp)
+            path = client.download_artifacts(parent_run_id, names.CONFIG_FILE, tmp)
             config = yaml.safe_load(Path(path).read_text())
     except MlflowException as e:
         raise LaunchError(f"--resume {parent_run_id}: no such benchmark run with a config in "

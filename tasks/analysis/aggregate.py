@@ -188,7 +188,7 @@ def _latest_per_seed(runs: list[SeedRun], notes: list[str]) -> list[SeedRun]:
 
 
 # Shares of the evaluation rows: their intervals are clipped to [0, 1].
-UNIT_KEYS = ("accuracy", "f1_macro", "precision", "recall")
+UNIT_KEYS = (names.ACCURACY, names.F1_MACRO, names.PRECISION, names.RECALL)
 
 
 def aggregate_method(method: str, runs: list[SeedRun]) -> MethodAggregate:
@@ -244,9 +244,9 @@ def compare(client: MlflowClient, ref: MethodAggregate, other: MethodAggregate,
 
     return Comparison(
         method=other.method, reference=ref.method, seeds=[r.seed for r in refs], mcnemar=mcnemar,
-        acc_diff=paired_difference(*both("accuracy")),
-        time_ratio=ratio_interval(*both("train_time_s")),
-        memory_ratio=ratio_interval(*both("peak_memory_mb")))
+        acc_diff=paired_difference(*both(names.ACCURACY)),
+        time_ratio=ratio_interval(*both(names.TRAIN_TIME)),
+        memory_ratio=ratio_interval(*both(names.PEAK_MEMORY)))
 
 
 def grid_points(client: MlflowClient, parent: Run) -> dict[str, list[GridPoint]]:
@@ -302,7 +302,7 @@ def aggregate_metrics(agg: MethodAggregate, comparison: Optional[Comparison]) ->
         values = {"mean": iv.mean, "std": iv.std, "ci_low": iv.low, "ci_high": iv.high}
         out += [Metric(names.agg(key, s), float(v), now, 0) for s, v in values.items()
                 if v is not None]
-    for key in ("trainable_params", "trainable_pct", "model_size_mb", "adapter_size_mb"):
+    for key in (names.TRAINABLE_PARAMS, names.TRAINABLE_PCT, names.MODEL_SIZE, names.ADAPTER_SIZE):
         if key in agg.stats:  # the same under every seed: the mean is the value
             out.append(Metric(names.CHILD_METRICS[key], agg.stats[key].mean, now, 0))
     out.append(Metric(names.N_SEEDS, float(len(agg.finished)), now, 0))
@@ -330,8 +330,8 @@ def method_note(agg: MethodAggregate, comparison: Optional[Comparison], bench: s
     lines = [f"**{agg.method}** ({agg.kind}) in benchmark `{bench}`: mean ± 95% CI over "
              f"{len(agg.finished)} of {len(agg.runs)} seeds.", "",
              "| accuracy | train s | peak MB |", "|---:|---:|---:|",
-             f"| {cell('accuracy', '{:.4f}')} | {cell('train_time_s', '{:.1f}')} | "
-             f"{cell('peak_memory_mb', '{:.0f}')} |"]
+             f"| {cell(names.ACCURACY, '{:.4f}')} | {cell(names.TRAIN_TIME, '{:.1f}')} | "
+             f"{cell(names.PEAK_MEMORY, '{:.0f}')} |"]
     if comparison is not None and comparison.acc_diff is not None:
         d = comparison.acc_diff
         ci = f" [{100 * d.low:+.1f}, {100 * d.high:+.1f}]" if d.has_interval else ""

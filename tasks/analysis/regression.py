@@ -32,8 +32,8 @@ from tasks.config.schema import RegressionConfig
 from tasks.tracking import store
 
 # summary key -> (direction: +1 when higher is worse, floor field)
-CHECKED = {"accuracy": (-1, "accuracy_drop"), "train_time_s": (+1, "time_rise"),
-           "peak_memory_mb": (+1, "memory_rise")}
+CHECKED = {names.ACCURACY: (-1, "accuracy_drop"), names.TRAIN_TIME: (+1, "time_rise"),
+           names.PEAK_MEMORY: (+1, "memory_rise")}
 RELATIVE = {"time_rise", "memory_rise"}
 ABSOLUTE = {"time_rise": "time_floor_s", "memory_rise": "memory_floor_mb"}
 MAX_TAG = 7900  # MLflow's tag values hold 8000 characters
@@ -82,9 +82,9 @@ class Check:
 
 
 def _fmt(metric: str, v: float) -> str:
-    if metric == "accuracy":
+    if metric == names.ACCURACY:
         return f"{v:.4f}"
-    return f"{v:,.1f} s" if metric == "train_time_s" else f"{v:,.0f} MB"
+    return f"{v:,.1f} s" if metric == names.TRAIN_TIME else f"{v:,.0f} MB"
 
 
 # ---------------------------------------------------------------- reading the history
@@ -132,7 +132,7 @@ def detect(summary: Summary, past: dict[str, dict[str, dict[str, float]]],
             iv = agg.stats.get(key)
             if not olds or iv is None:
                 continue
-            if key == "train_time_s" and agg.timing_warnings:
+            if key == names.TRAIN_TIME and agg.timing_warnings:
                 check.notes.append(f"{name}: train time not compared, its timing was "
                                    f"contaminated ({agg.timing_warnings[0]}).")
                 continue

@@ -3,7 +3,9 @@ report, the CLI, the regression alarm or the benchmarks read is declared here, o
 
 A renamed metric used to show as "—" with no error; now writer and reader share the constant,
 and `tests/test_names.py` fails when product code spells a name out instead of importing it,
-or when a name declared here is never written by a real run.
+and `tests/test_repeats.py` when a name declared here is never written by a real run. The
+summary keys (what the report calls a method's numbers) and the artifact file names are
+declared here too, and checked the same way.
 """
 from __future__ import annotations
 
@@ -36,25 +38,62 @@ EVAL_SAMPLES_PER_S = "eval_samples_per_s"
 OTHER_CPU_SHARE = "other_cpu_share"      # share of the machine other processes took (0..1)
 OTHER_GPU_PROCS = "other_gpu_processes"  # most other processes seen on our GPU at once
 
-# Summary key (what the report and the aggregates call a number) -> the child metric holding
-# it. For histories (eval/*) MLflow's stored value is the one logged at the largest step,
-# i.e. the final evaluation.
+# ------------------------------------------------------------------ summary keys
+# What the report, the aggregates and the CLI call a method's numbers. Written by
+# tasks/analysis/aggregate.py (SeedRun.metrics, GridPoint.metrics and MethodAggregate.stats,
+# read from the child runs through CHILD_METRICS) and by tasks/report.py (`method_row`: one row
+# per method, summary.json's "methods"); read by tasks/reporting/* (tables, charts, budgets),
+# tasks/analysis/regression.py, flows/cli/display.py, and sweep.metric names one
+# (tasks/config/sweep.py). tasks/evaluate.py names its scores with the same words.
+# A one-value metric's summary key is its metric name (TRAIN_TIME, PEAK_MEMORY, … above); the
+# final value of a history has a key of its own:
+ACCURACY = "accuracy"
+F1_MACRO = "f1_macro"
+PRECISION = "precision"
+RECALL = "recall"
+FINAL_LOSS = "eval_loss"
+
+# Summary key -> the child metric holding it. For histories (eval/*) MLflow's stored value is
+# the one logged at the largest step, i.e. the final evaluation.
 CHILD_METRICS = {
-    "accuracy": EVAL_ACCURACY, "f1_macro": EVAL_F1, "eval_loss": EVAL_LOSS,
-    "precision": EVAL_PRECISION, "recall": EVAL_RECALL,
-    "train_time_s": TRAIN_TIME, "step_time_median_s": STEP_TIME_MEDIAN,
-    "eval_time_s": EVAL_TIME, "samples_per_s": SAMPLES_PER_S, "tokens_per_s": TOKENS_PER_S,
-    "eval_samples_per_s": EVAL_SAMPLES_PER_S, "peak_memory_mb": PEAK_MEMORY,
-    "trainable_params": TRAINABLE_PARAMS, "total_params": TOTAL_PARAMS,
-    "trainable_pct": TRAINABLE_PCT, "model_size_mb": MODEL_SIZE, "adapter_size_mb": ADAPTER_SIZE,
-    "train_steps": TRAIN_STEPS, "other_cpu_share": OTHER_CPU_SHARE,
+    ACCURACY: EVAL_ACCURACY, F1_MACRO: EVAL_F1, FINAL_LOSS: EVAL_LOSS,
+    PRECISION: EVAL_PRECISION, RECALL: EVAL_RECALL,
+    TRAIN_TIME: TRAIN_TIME, STEP_TIME_MEDIAN: STEP_TIME_MEDIAN,
+    EVAL_TIME: EVAL_TIME, SAMPLES_PER_S: SAMPLES_PER_S, TOKENS_PER_S: TOKENS_PER_S,
+    EVAL_SAMPLES_PER_S: EVAL_SAMPLES_PER_S, PEAK_MEMORY: PEAK_MEMORY,
+    TRAINABLE_PARAMS: TRAINABLE_PARAMS, TOTAL_PARAMS: TOTAL_PARAMS,
+    TRAINABLE_PCT: TRAINABLE_PCT, MODEL_SIZE: MODEL_SIZE, ADAPTER_SIZE: ADAPTER_SIZE,
+    TRAIN_STEPS: TRAIN_STEPS, OTHER_CPU_SHARE: OTHER_CPU_SHARE,
 }
-INTEGER_KEYS = ("trainable_params", "total_params", "train_steps")
+INTEGER_KEYS = (TRAINABLE_PARAMS, TOTAL_PARAMS, TRAIN_STEPS)
+
+# Keys only a summary row has: tasks/report.py writes them; the report's tables and charts,
+# summary.json's readers and the budget answers read them.
+PCT_OF_REF_TIME = "train_time_pct_of_ref"  # training time as a percentage of the reference's
+PARETO_OPTIMAL = "pareto_optimal"          # no other method faster and more accurate (or None)
+TIMING_WARNINGS = "timing_warnings"        # why its timings are contaminated (also summary.json's)
+FAILED_SEEDS = "failed_seeds"
+RUN_IDS = "run_ids"
+# (The row's "method", "kind", "status", "seeds" and "error" are left as plain words: every
+# other table row of the report has them too.)
+SUMMARY_KEYS = (*CHILD_METRICS, PCT_OF_REF_TIME, PARETO_OPTIMAL, TIMING_WARNINGS, FAILED_SEEDS,
+                RUN_IDS)
+
+
+def row_ci(key: str) -> str:
+    """`row_ci("accuracy")` -> "accuracy_ci": a summary row's [low, high] 95% interval of a
+    number in AGGREGATED (None with fewer than two seeds)."""
+    return f"{key}_ci"
+
+
+def row_std(key: str) -> str:
+    return f"{key}_std"
+
 
 # ------------------------------------------------------------------ aggregates (one run a method)
 # The numbers the issue asks to aggregate over seeds: mean, std and a 95% Student-t interval.
-AGGREGATED = ("accuracy", "f1_macro", "eval_loss", "train_time_s", "step_time_median_s",
-              "samples_per_s", "tokens_per_s", "peak_memory_mb")
+AGGREGATED = (ACCURACY, F1_MACRO, FINAL_LOSS, TRAIN_TIME, STEP_TIME_MEDIAN, SAMPLES_PER_S,
+              TOKENS_PER_S, PEAK_MEMORY)
 STATS = ("mean", "std", "ci_low", "ci_high")
 N_SEEDS = "n_seeds"
 
@@ -130,9 +169,36 @@ FLOW_RUN_NAME = "prefect.flow_run_name"
 FLOW_RUN_URL = "prefect.flow_run_url"
 
 # ------------------------------------------------------------------ artifacts and events
+# A child run's files: flows/finetune.py `log_outputs` writes them (the config through
+# tasks/tracking/runs.py `log_config`, which logs the parent run's config too). The paired
+# comparison reads the predictions (tasks/analysis/aggregate.py); export and --resume read the
+# config (tasks/reporting/export.py, flows/cli/launch.py); a reused run gets copies of all three
+# (tasks/tracking/reuse.py).
 PREDICTIONS = "predictions.csv"
+CONFIG_FILE = "config.yaml"
+CONFUSION_MATRIX = "confusion_matrix.png"
 ADAPTER_ARTIFACTS = "adapter"  # peft's layout for adapters; every trained tensor for full
 REPORT_ARTIFACTS = "report"
+# The report's folder, logged on the parent run under REPORT_ARTIFACTS: tasks/report.py writes
+# it (ReportResult's paths name the two documents, which flows/benchmark.py and the CLI print).
+SUMMARY_JSON = "summary.json"
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+# The report's charts, one PNG each in that folder: tasks/reporting/charts.py and charts_sweep.py
+# draw them (Chart.key is the file name), tasks/reporting/render.py lays them out.
+CHART_PARETO = "pareto.png"
+CHART_TRAIN_TIME = "train_time.png"
+CHART_EVAL_ACCURACY = "eval_accuracy.png"
+CHART_TRAIN_LOSS = "train_loss.png"
+CHART_MODEL_SIZE = "model_size.png"
+CHART_PEAK_MEMORY = "peak_memory.png"
+CHART_TRAINABLE_PARAMS = "trainable_params.png"
+CHART_SWEEP_SENSITIVITY = "sweep_sensitivity.png"
+CHART_SWEEP_PARETO = "sweep_pareto.png"
+ARTIFACT_FILES = (PREDICTIONS, CONFIG_FILE, CONFUSION_MATRIX, SUMMARY_JSON, REPORT_MD, REPORT_HTML,
+                  CHART_PARETO, CHART_TRAIN_TIME, CHART_EVAL_ACCURACY, CHART_TRAIN_LOSS,
+                  CHART_MODEL_SIZE, CHART_PEAK_MEMORY, CHART_TRAINABLE_PARAMS,
+                  CHART_SWEEP_SENSITIVITY, CHART_SWEEP_PARETO)
 PREFECT_REPORT_KEY = "peft-bench-report"
 PREFECT_REGRESSION_KEY = "peft-bench-regressions"
 REGRESSION_EVENT = "peft-bench.regression.detected"

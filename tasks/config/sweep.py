@@ -15,13 +15,15 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tasks.common import names
+
 # Where each swept key lives: on the method (an adapter setting, or its lr) or in training.
 METHOD_KEYS = ("lr", "rank", "alpha", "dropout", "targets", "rslora")
 TRAINING_KEYS = ("weight_decay", "epochs", "max_steps")
 SWEPT_KEYS = METHOD_KEYS + TRAINING_KEYS
 ADAPTER_ONLY = ("rank", "alpha", "dropout", "targets", "rslora")
-# The selection metric and whether higher is better.
-METRICS = {"accuracy": True, "f1_macro": True, "eval_loss": False}
+# The selection metric (a summary key) and whether higher is better.
+METRICS = {names.ACCURACY: True, names.F1_MACRO: True, names.FINAL_LOSS: False}
 
 Grid = dict[str, list[Any]]
 Point = dict[str, Any]
@@ -44,7 +46,7 @@ class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     grid: Grid = Field(default_factory=dict, description="default grid for every method")
-    metric: Literal["accuracy", "f1_macro", "eval_loss"] = "accuracy"
+    metric: Literal[names.ACCURACY, names.F1_MACRO, names.FINAL_LOSS] = names.ACCURACY
     max_runs: int = Field(100, gt=0, description="refuse a sweep of more runs than this")
     reuse: bool = Field(True, description="reuse FINISHED runs of the same settings, data "
                                           "and code instead of training them again")

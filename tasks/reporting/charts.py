@@ -30,7 +30,7 @@ QUANTIZED_KINDS = ("qlora", "qdora")
 
 @dataclass
 class Chart:
-    key: str
+    key: str  # its file name in the report folder: one of names.CHART_*
     title: str
     path: Path
     caption: str = ""
@@ -81,7 +81,7 @@ def _err(rows: Rows, key: str, scale: list[float] | None = None):
     """Asymmetric error bars from the rows' 95% intervals (`<key>_ci`); zero where absent."""
     lo, hi = [], []
     for i, r in enumerate(rows):
-        ci, mean, k = r.get(f"{key}_ci"), r.get(key), (scale[i] if scale else 1.0)
+        ci, mean, k = r.get(names.row_ci(key)), r.get(key), (scale[i] if scale else 1.0)
         lo.append(k * (mean - ci[0]) if ci else 0.0)
         hi.append(k * (ci[1] - mean) if ci else 0.0)
     return [lo, hi] if any(lo) or any(hi) else None
@@ -106,30 +106,30 @@ def _barh(rows: Rows, values: list[float], labels: list[str], colors, title: str
 
 
 def time_chart(rows: Rows, reference: Optional[str], colors, path: Path) -> Optional[Path]:
-    rows = _with(rows, "train_time_s")
+    rows = _with(rows, names.TRAIN_TIME)
     if not rows:
         return None
-    marks = [" ⚠" if r.get("timing_warnings") else "" for r in rows]
-    if reference is not None and all(r.get("train_time_pct_of_ref") is not None for r in rows):
-        pct = [r["train_time_pct_of_ref"] for r in rows]
-        labels = [f"{p:.0f}%  ({r['train_time_s']:.1f} s){m}" for p, r, m in zip(pct, rows, marks)]
-        scale = [p / r["train_time_s"] for p, r in zip(pct, rows)]
+    marks = [" ⚠" if r.get(names.TIMING_WARNINGS) else "" for r in rows]
+    if reference is not None and all(r.get(names.PCT_OF_REF_TIME) is not None for r in rows):
+        pct = [r[names.PCT_OF_REF_TIME] for r in rows]
+        labels = [f"{p:.0f}%  ({r[names.TRAIN_TIME]:.1f} s){m}" for p, r, m in zip(pct, rows, marks)]
+        scale = [p / r[names.TRAIN_TIME] for p, r in zip(pct, rows)]
         fig, ax = _barh(rows, pct, labels, colors, f"Training time relative to {reference}",
                         f"% of {reference}'s training time ({reference} = 100%)",
-                        _err(rows, "train_time_s", scale))
+                        _err(rows, names.TRAIN_TIME, scale))
         ax.axvline(100, color="#444444", linestyle="--", linewidth=1)
     else:
-        secs = [r["train_time_s"] for r in rows]
+        secs = [r[names.TRAIN_TIME] for r in rows]
         fig, ax = _barh(rows, secs, [f"{s:.1f} s{m}" for s, m in zip(secs, marks)], colors,
                         "Training time in seconds", "training time (s)",
-                        _err(rows, "train_time_s"))
+                        _err(rows, names.TRAIN_TIME))
     return save_figure(fig, path)
 
 
 def size_chart(rows: Rows, colors, path: Path) -> Optional[Path]:
     """Model files and adapter-only files side by side; log scale because an adapter is
     hundreds of times smaller than the model it adapts."""
-    rows = [r for r in rows if _positive(r.get("model_size_mb")) or _positive(r.get("adapter_size_mb"))]
+    rows = [r for r in rows if _positive(r.get(names.MODEL_SIZE)) or _positive(r.get(names.ADAPTER_SIZE))]
     if not rows:
         return None
     fig = new_figure(6.6, 4.4)
@@ -137,8 +137,8 @@ def size_chart(rows: Rows, colors, path: Path) -> Optional[Path]:
     width = 0.38
     for i, r in enumerate(rows):
         kind = "4-bit model" if r.get("kind") in QUANTIZED_KINDS else "float model"
-        for offset, value, label in ((-width / 2, r.get("model_size_mb"), kind),
-                                     (width / 2, r.get("adapter_size_mb"), "adapter only")):
+        for offset, value, label in ((-width / 2, r.get(names.MODEL_SIZE), kind),
+                                     (width / 2, r.get(names.ADAPTER_SIZE), "adapter only")):
             if _positive(value):
                 bar = ax.bar(i + offset, value, width, color=SIZE_COLORS[label], label=label)
                 ax.bar_label(bar, labels=[f"{value:.3g}"], padding=2, fontsize=8)
@@ -188,7 +188,7 @@ def loss_chart(rows: Rows, histories: Histories, colors, path: Path) -> Optional
 
 
 def accuracy_chart(rows: Rows, histories: Histories, colors, path: Path) -> Optional[Path]:
-    final = _with(rows, "accuracy")
+    final = _with(rows, names.ACCURACY)
     if not final:
         return None
     fig = new_figure(10.0, 4.2)
@@ -201,9 +201,9 @@ def accuracy_chart(rows: Rows, histories: Histories, colors, path: Path) -> Opti
     left.legend(frameon=False, fontsize=8)
     style_axes(left, "both")
     methods = [r["method"] for r in final]
-    bars = right.bar(methods, [r["accuracy"] for r in final], color=[colors[n] for n in methods],
-                     yerr=_err(final, "accuracy"), error_kw={"ecolor": "#333333", "capsize": 3})
-    right.bar_label(bars, labels=[f"{r['accuracy']:.3f}" for r in final], padding=2, fontsize=8)
+    bars = right.bar(methods, [r[names.ACCURACY] for r in final], color=[colors[n] for n in methods],
+                     yerr=_err(final, names.ACCURACY), error_kw={"ecolor": "#333333", "capsize": 3})
+    right.bar_label(bars, labels=[f"{r[names.ACCURACY]:.3f}" for r in final], padding=2, fontsize=8)
     right.set_ylim(0, 1.08)
     right.set_title("Final accuracy (mean, 95% CI)", loc="left", fontweight="bold")
     right.tick_params(axis="x", labelrotation=30)
@@ -212,22 +212,22 @@ def accuracy_chart(rows: Rows, histories: Histories, colors, path: Path) -> Opti
 
 
 def memory_chart(rows: Rows, colors, path: Path) -> Optional[Path]:
-    rows = _with(rows, "peak_memory_mb")
+    rows = _with(rows, names.PEAK_MEMORY)
     if not rows:
         return None
-    values = [r["peak_memory_mb"] for r in rows]
+    values = [r[names.PEAK_MEMORY] for r in rows]
     fig, _ = _barh(rows, values, [f"{v:,.0f} MB" for v in values], colors,
                    "Peak memory during training", "peak memory (MB)",
-                   _err(rows, "peak_memory_mb"))
+                   _err(rows, names.PEAK_MEMORY))
     return save_figure(fig, path)
 
 
 def params_chart(rows: Rows, colors, path: Path) -> Optional[Path]:
-    rows = [r for r in rows if _positive(r.get("trainable_params"))]
+    rows = [r for r in rows if _positive(r.get(names.TRAINABLE_PARAMS))]
     if not rows:
         return None
-    values = [r["trainable_params"] for r in rows]
-    labels = [f"{human(v)}" + (f"  ({r['trainable_pct']:.3g}%)" if r.get("trainable_pct")
+    values = [r[names.TRAINABLE_PARAMS] for r in rows]
+    labels = [f"{human(v)}" + (f"  ({r[names.TRAINABLE_PCT]:.3g}%)" if r.get(names.TRAINABLE_PCT)
                                is not None else "") for v, r in zip(values, rows)]
     fig, ax = _barh(rows, values, labels, colors, "Trainable parameters (share of all parameters)",
                     "trainable parameters (log scale)")
@@ -240,22 +240,22 @@ def params_chart(rows: Rows, colors, path: Path) -> Optional[Path]:
 def pareto_chart(rows: Rows, colors, path: Path) -> Optional[Path]:
     """Accuracy vs training time with 95% intervals as error bars; starred methods are those no
     other method beats on both axes beyond the intervals (hollow: not ranked on time)."""
-    rows = _with(rows, "train_time_s", "accuracy")
+    rows = _with(rows, names.TRAIN_TIME, names.ACCURACY)
     if not rows:
         return None
     fig = new_figure(6.6, 4.4)
     ax = fig.add_subplot()
     for r in rows:
-        best = bool(r.get("pareto_optimal"))
-        x, y = r["train_time_s"], r["accuracy"]
-        xerr, yerr = _err([r], "train_time_s"), _err([r], "accuracy")
+        best = bool(r.get(names.PARETO_OPTIMAL))
+        x, y = r[names.TRAIN_TIME], r[names.ACCURACY]
+        xerr, yerr = _err([r], names.TRAIN_TIME), _err([r], names.ACCURACY)
         if xerr or yerr:
             ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor=colors[r["method"]],
                         elinewidth=1.2, capsize=3, zorder=2)
         ax.scatter(x, y, s=110 if best else 60, zorder=3,
                    color=colors[r["method"]] if best else "white",
                    edgecolors="black" if best else colors[r["method"]], linewidths=1.5)
-        mark = " ★" if best else (" ⚠" if r.get("timing_warnings") else "")
+        mark = " ★" if best else (" ⚠" if r.get(names.TIMING_WARNINGS) else "")
         ax.annotate(r["method"] + mark, (x, y), textcoords="offset points", xytext=(7, 5),
                     fontsize=9)
     ax.set_title("Accuracy vs training time (★ = best beyond the 95% intervals)", loc="left",
@@ -272,26 +272,26 @@ def draw_all(rows: Rows, histories: Histories, reference: Optional[str], colors,
     """Draw every chart into `out`; return the charts drawn and a note for each one skipped."""
     no_baseline = "" if reference else " No reference method time, so absolute seconds."
     specs: list[tuple[str, str, str, Callable[[Path], Optional[Path]]]] = [
-        ("pareto", "Accuracy vs time", "Means over seeds with 95% intervals. Filled points are "
+        (names.CHART_PARETO, "Accuracy vs time", "Means over seeds with 95% intervals. Filled points are "
          "starred: no other method is faster and more accurate beyond the intervals.",
          lambda p: pareto_chart(rows, colors, p)),
-        ("train_time", "Training time", "Wall-clock training time per method, mean over seeds "
+        (names.CHART_TRAIN_TIME, "Training time", "Wall-clock training time per method, mean over seeds "
          "with its 95% interval." + no_baseline,
          lambda p: time_chart(rows, reference, colors, p)),
-        ("eval_accuracy", "Evaluation accuracy", "eval/accuracy on each run's scoring split "
+        (names.CHART_EVAL_ACCURACY, "Evaluation accuracy", "eval/accuracy on each run's scoring split "
          "(the test split for a sweep's final runs) at each evaluation, and the final value.", lambda p: accuracy_chart(rows, histories, colors, p)),
-        ("train_loss", "Training loss", "train/loss per optimizer step.",
+        (names.CHART_TRAIN_LOSS, "Training loss", "train/loss per optimizer step.",
          lambda p: loss_chart(rows, histories, colors, p)),
-        ("model_size", "Model size", "Size of the files written: the whole model (float or "
+        (names.CHART_MODEL_SIZE, "Model size", "Size of the files written: the whole model (float or "
          "4-bit) and the adapter-only files.", lambda p: size_chart(rows, colors, p)),
-        ("peak_memory", "Peak memory", "Peak memory while training.",
+        (names.CHART_PEAK_MEMORY, "Peak memory", "Peak memory while training.",
          lambda p: memory_chart(rows, colors, p)),
-        ("trainable_params", "Trainable parameters", "Trainable parameters (log scale) and "
+        (names.CHART_TRAINABLE_PARAMS, "Trainable parameters", "Trainable parameters (log scale) and "
          "their share of all parameters.", lambda p: params_chart(rows, colors, p)),
     ]
     charts, notes = [], []
     for key, title, caption, draw in specs:
-        path = draw(out / f"{key}.png")
+        path = draw(out / key)
         if path is None:
             notes.append(f"No {title.lower()} chart: no finished method logged the data for it.")
         else:

@@ -30,9 +30,9 @@ T = TypeVar("T")
 STAR = {"marker": "*", "s": 260, "color": "#fab005", "edgecolors": "black", "linewidths": 1.0,
         "zorder": 5}
 # (summary key, axis label, log scale) of the grid Pareto chart's panels
-PARETO_AXES = (("trainable_params", "trainable parameters (log scale)", True),
-               ("peak_memory_mb", "peak memory (MB)", False),
-               ("train_time_s", "training time (s)", False))
+PARETO_AXES = ((names.TRAINABLE_PARAMS, "trainable parameters (log scale)", True),
+               (names.PEAK_MEMORY, "peak memory (MB)", False),
+               (names.TRAIN_TIME, "training time (s)", False))
 PANELS_PER_ROW = 3
 
 
@@ -126,13 +126,13 @@ def frontier(items: list[T], cost: Callable[[T], float],
 def _pareto_panel(ax, grids: Grids, key: str, xlabel: str, log: bool, colors) -> bool:
     seen = []
     for method, pts in grids.items():
-        pts = [g for g in pts if g.metrics.get("accuracy") is not None
+        pts = [g for g in pts if g.metrics.get(names.ACCURACY) is not None
                and g.metrics.get(key) is not None and (g.metrics[key] > 0 or not log)]
-        seen += [(g.metrics[key], g.metrics["accuracy"]) for g in pts]
-        ax.scatter([g.metrics[key] for g in pts], [g.metrics["accuracy"] for g in pts], s=40,
+        seen += [(g.metrics[key], g.metrics[names.ACCURACY]) for g in pts]
+        ax.scatter([g.metrics[key] for g in pts], [g.metrics[names.ACCURACY] for g in pts], s=40,
                    color=colors.get(method, "#4C72B0"), alpha=0.85, zorder=3)
         best = [g for g in pts if g.chosen]
-        ax.scatter([g.metrics[key] for g in best], [g.metrics["accuracy"] for g in best],
+        ax.scatter([g.metrics[key] for g in best], [g.metrics[names.ACCURACY] for g in best],
                    **{**STAR, "color": colors.get(method, "#4C72B0")})
     if not seen:
         ax.set_visible(False)
@@ -176,13 +176,13 @@ def draw_sweep(grids: Grids, metric: str, split: Optional[str], colors,
         return [], []
     where = f" on the selection split ({split})" if split else " on the selection split"
     specs = [
-        ("sweep_sensitivity", "Sweep sensitivity",
+        (names.CHART_SWEEP_SENSITIVITY, "Sweep sensitivity",
          f"{names.CHILD_METRICS[metric]}{where} at each grid point, against the learning rate "
          "(log scale; the first swept key when lr was not swept), one line per value of the "
          "other swept keys; ★ = the chosen point. One seed per point: small differences are "
          "within the noise.", lambda p: sensitivity_chart(grids, metric, split, colors, p),
          "no method has more than one finished grid point"),
-        ("sweep_pareto", "Grid points: accuracy against cost",
+        (names.CHART_SWEEP_PARETO, "Grid points: accuracy against cost",
          f"Accuracy{where} of every grid point against trainable parameters, peak memory and "
          "training time; ★ = each method's chosen point; the dashed staircase is the best "
          "accuracy reachable within each budget.",
@@ -190,7 +190,7 @@ def draw_sweep(grids: Grids, metric: str, split: Optional[str], colors,
     ]
     charts, notes = [], []
     for key, title, caption, draw, why in specs:
-        path = draw(out / f"{key}.png")
+        path = draw(out / key)
         if path is None:
             notes.append(f"No {title.lower()} chart: {why}.")
         else:

@@ -41,7 +41,7 @@ def _run(client: MlflowClient, run_id: str) -> Run:
 
 def run_config(client: MlflowClient, run: Run, tmp: Path) -> tuple[BenchConfig, MethodConfig]:
     """The config the run trained with: its own config.yaml has its seed and grid point."""
-    path = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp))
+    path = client.download_artifacts(run.info.run_id, names.CONFIG_FILE, str(tmp))
     cfg = BenchConfig.model_validate(yaml.safe_load(Path(path).read_text()))
     name = run.data.tags[names.METHOD]
     return cfg, next(m for m in cfg.methods if m.name == name)

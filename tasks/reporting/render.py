@@ -1,18 +1,24 @@
 """Rendering the report: the results table (shared by Markdown and HTML so they cannot
 disagree), the verdict table against the reference method, a sweep's chosen settings and grid
-points, and the two documents."""
+points, and the two documents. The rows are built here, in Python; the templates
+(templates/report.md.j2, report.html.j2, and note.md.j2 for the parent run's description) only
+lay out one `Page` of them."""
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from jinja2 import Environment, FileSystemLoader, select_autoescape
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from tasks.analysis.aggregate import Comparison
+from tasks.analysis.regression import Check
 from tasks.analysis.stats import Interval
 from tasks.common import names
-from tasks.reporting.charts import human
+from tasks.reporting.charts import Chart, human
+from tasks.reporting.context import ReportContext
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -23,19 +29,21 @@ def _ms(v: float) -> str:
 
 # (summary key, header, format, shown with ± its 95% interval half-width)
 COLUMNS = [
-    ("accuracy", "Accuracy", "{:.4f}", True), ("f1_macro", "F1 (macro)", "{:.4f}", True),
-    ("eval_loss", "Eval loss", "{:.4f}", True), ("train_time_s", "Train time (s)", "{:,.1f}", True),
-    ("train_time_pct_of_ref", "% of ref time", "{:.0f}%", False),
-    ("step_time_median_s", "Median step (ms)", _ms, True),
-    ("samples_per_s", "Samples/s", "{:,.1f}", True), ("tokens_per_s", "Tokens/s", "{:,.0f}", True),
-    ("peak_memory_mb", "Peak mem (MB)", "{:,.0f}", True),
-    ("trainable_params", "Trainable params", human, False),
-    ("trainable_pct", "Trainable %", "{:.3g}%", False),
-    ("model_size_mb", "Model size (MB)", "{:,.1f}", False),
-    ("adapter_size_mb", "Adapter (MB)", "{:,.2f}", False),
+    (names.ACCURACY, "Accuracy", "{:.4f}", True), (names.F1_MACRO, "F1 (macro)", "{:.4f}", True),
+    (names.FINAL_LOSS, "Eval loss", "{:.4f}", True),
+    (names.TRAIN_TIME, "Train time (s)", "{:,.1f}", True),
+    (names.PCT_OF_REF_TIME, "% of ref time", "{:.0f}%", False),
+    (names.STEP_TIME_MEDIAN, "Median step (ms)", _ms, True),
+    (names.SAMPLES_PER_S, "Samples/s", "{:,.1f}", True),
+    (names.TOKENS_PER_S, "Tokens/s", "{:,.0f}", True),
+    (names.PEAK_MEMORY, "Peak mem (MB)", "{:,.0f}", True),
+    (names.TRAINABLE_PARAMS, "Trainable params", human, False),
+    (names.TRAINABLE_PCT, "Trainable %", "{:.3g}%", False),
+    (names.MODEL_SIZE, "Model size (MB)", "{:,.1f}", False),
+    (names.ADAPTER_SIZE, "Adapter (MB)", "{:,.2f}", False),
 ]
-TIMING = {"train_time_s", "train_time_pct_of_ref", "step_time_median_s", "samples_per_s",
-          "tokens_per_s"}
+TIMING = {names.TRAIN_TIME, names.PCT_OF_REF_TIME, names.STEP_TIME_MEDIAN, names.SAMPLES_PER_S,
+          names.TOKENS_PER_S}
 WARN = "⚠"
 
 
@@ -48,10 +56,10 @@ def _cell(row: dict, key: str, fmt, with_ci: bool) -> str:
     if value is None:
         return "—"
     text = _fmt(value, fmt)
-    ci = row.get(f"{key}_ci") if with_ci else None
+    ci = row.get(names.row_ci(key)) if with_ci else None
     if ci:  # a t-interval is symmetric about the mean: mean ± half-width says it all
         text += " ± " + _fmt((ci[1] - ci[0]) / 2, fmt)
-    if key in TIMING and row.get("timing_warnings"):
+    if key in TIMING and row.get(names.TIMING_WARNINGS):
         text += " " + WARN
     return text
 
@@ -61,7 +69,7 @@ def table_rows(summary: list[dict]) -> list[dict]:
     for r in summary:
         seeds = f"{r[names.N_SEEDS]}/{len(r['seeds'])}"
         out.append({"method": r["method"], "kind": r["kind"], "status": r["status"],
-                    "error": r["error"], "pareto": bool(r.get("pareto_optimal")), "seeds": seeds,
+                    "error": r["error"], "pareto": bool(r.get(names.PARETO_OPTIMAL)), "seeds": seeds,
                     "cells": [_cell(r, key, fmt, ci) for key, _, fmt, ci in COLUMNS]})
     return out
 
@@ -120,7 +128,7 @@ def chosen_rows(sweep: dict) -> list[dict]:
     accuracy (mean ± 95% half-width over the seeds)."""
     out = []
     for c in sweep["chosen"]:
-        final = _cell(c, "accuracy", "{:.4f}", True)
+        final = _cell(c, names.ACCURACY, "{:.4f}", True)
         out.append({"method": c["method"], "point": c["point"] or "none (no point finished)",
                     "value": _num(c["value"], "{:.4f}"),
                     "points": f"{c['points']} ({c['finished']} finished, {c['failed']} failed)",
@@ -131,8 +139,9 @@ def chosen_rows(sweep: dict) -> list[dict]:
 
 def grid_rows(sweep: dict) -> list[dict]:
     return [{"method": g["method"], "point": g["point"], "status": g["status"],
-             "cells": [_num(g["value"], "{:.4f}"), _num(g["train_time_s"], "{:,.1f}"),
-                       _num(g["peak_memory_mb"], "{:,.0f}"), _num(g["trainable_params"], human)],
+             "cells": [_num(g["value"], "{:.4f}"), _num(g[names.TRAIN_TIME], "{:,.1f}"),
+                       _num(g[names.PEAK_MEMORY], "{:,.0f}"),
+                       _num(g[names.TRAINABLE_PARAMS], human)],
              "reused": "yes" if g["reused"] else "no", "chosen": g["chosen"]}
             for g in sweep["grid"]]
 
@@ -169,170 +178,108 @@ INTERVALS_TEXT = (
     "same evaluation rows, seed by seed.")
 
 
-# ---------------------------------------------------------------- Markdown
+BUDGET_TEXT = (
+    "For each budget, the most accurate method that fits it: mean accuracy over the seeds "
+    "against mean peak memory or mean training time. A step up is only worth its cost when the "
+    "verdicts below call the difference significant.")
+RANDOM_INIT_TEXT = (
+    "The base model was randomly initialised (no pretrained weights were loaded), so these "
+    "accuracies say nothing about pretrained models; use this run only to check that the "
+    "pipeline works and to compare time and memory.")
+WIDE_CHARTS = (names.CHART_EVAL_ACCURACY, names.CHART_SWEEP_SENSITIVITY, names.CHART_SWEEP_PARETO)
 
-def _md_escape(text: str, limit: int = 0) -> str:
+
+# ---------------------------------------------------------------- the documents
+
+@dataclass
+class Page:
+    """What the templates see, besides the fixed texts in `GLOBALS`: the report's rows and
+    texts, ready made. Built in one place (`page`); a name a template uses that is neither a
+    field here nor a global fails the rendering (StrictUndefined) instead of printing nothing."""
+    header: dict
+    budget: Optional[dict]
+    regressions: Optional[Check]
+    timing_warnings: list[str]
+    heads: list[str]           # the results table's number columns
+    rows: list[dict]           # table_rows: the results table, one row per method
+    reused_text: Optional[str]
+    sweep: Optional[dict]
+    sweep_heads: Optional[dict]
+    chosen_rows: list[dict]
+    grid_rows: list[dict]
+    verdicts: list[dict]
+    notes: list[str]
+    failures: list[dict]
+    charts: list[dict]         # title, caption, file (in the report folder), data_uri (HTML)
+    with_charts: bool = True
+
+
+GLOBALS = {"warn": WARN, "intervals_text": INTERVALS_TEXT, "budget_text": BUDGET_TEXT,
+           "sweep_text": SWEEP_TEXT, "random_init_text": RANDOM_INIT_TEXT,
+           "wide_charts": WIDE_CHARTS, "report_artifacts": names.REPORT_ARTIFACTS}
+
+
+def _chart(c: Chart, embed: bool) -> dict:
+    uri = ("data:image/png;base64," + base64.b64encode(c.path.read_bytes()).decode()
+           if embed else None)
+    return {"title": c.title, "caption": c.caption, "file": c.path.name, "data_uri": uri}
+
+
+def page(ctx: ReportContext, embed_charts: bool = False, with_charts: bool = True) -> Page:
+    sweep = ctx.sweep
+    return Page(header=ctx.header, budget=ctx.budget, regressions=ctx.regressions,
+                timing_warnings=ctx.timing_warnings, heads=[h for _, h, _, _ in COLUMNS],
+                rows=table_rows(ctx.summary),
+                reused_text=reused_text(ctx.reused) if ctx.reused else None,
+                sweep=sweep, sweep_heads=sweep_heads(sweep) if sweep else None,
+                chosen_rows=chosen_rows(sweep) if sweep else [],
+                grid_rows=grid_rows(sweep) if sweep else [],
+                verdicts=ctx.verdicts, notes=ctx.notes, failures=ctx.failures,
+                charts=[_chart(c, embed_charts) for c in ctx.charts], with_charts=with_charts)
+
+
+def md_escape(text, limit: int = 0) -> str:
+    """The `md` filter: a table cell's text on one line, cut to `limit`, its pipes literal."""
     text = " ".join(str(text).split())  # a newline would end the table row
     if limit and len(text) > limit:
         text = text[: limit - 1] + "…"
     return text.replace("|", "\\|")
 
 
-def _md_table(summary: list[dict]) -> list[str]:
-    heads = ["Method", "Kind", "Status", "Seeds"] + [h for _, h, _, _ in COLUMNS]
-    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * 4 + "---:|" * len(COLUMNS)]
-    for t in table_rows(summary):
-        status = t["status"] if not t["error"] else f"**{t['status']}**: {_md_escape(t['error'], 160)}"
-        name = _md_escape(t["method"]) + (" ★" if t["pareto"] else "")
-        lines.append("| " + " | ".join([name, t["kind"], status, t["seeds"]] + t["cells"]) + " |")
-    return lines
+# Escaping by template name: HTML-escaped for the HTML, never for the Markdown (its `md` filter
+# keeps what a table cell needs, and a "<" in an error message stays a "<").
+AUTOESCAPE = select_autoescape(enabled_extensions=("html.j2", "html"),
+                               disabled_extensions=("md.j2",), default=False)
 
 
-def _md_verdicts(ctx: dict) -> list[str]:
-    ref = ctx["header"]["reference"]
-    if not ctx["verdicts"]:
-        return []
-    lines = [f"## Verdicts against {ref}", "",
-             "| Method | Δ accuracy vs " + ref + " [95% CI] | Verdict | Basis | McNemar per seed "
-             "| Time vs " + ref + " | Memory vs " + ref + " |", "|---|---:|---|---|---|---:|---:|"]
-    for v in ctx["verdicts"]:
-        lines.append(f"| {_md_escape(v['method'])} | {v['accuracy_diff']} | {v['significance']} | "
-                     f"{v['basis']} | {v['mcnemar']} | {v['time']} | {v['memory']} |")
-    return lines + [""] + [f"- {_md_escape(v['sentence'])}" for v in ctx["verdicts"]] + [""]
+@lru_cache(maxsize=None)
+def _env(markdown: bool) -> Environment:
+    """Markdown is line-based: there a line holding only a tag writes nothing, and every line the
+    template writes ends in a newline."""
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=AUTOESCAPE,
+                      undefined=StrictUndefined, trim_blocks=markdown, lstrip_blocks=markdown,
+                      keep_trailing_newline=markdown)
+    env.filters["md"] = md_escape
+    env.globals.update(GLOBALS)
+    return env
 
 
-def _md_alerts(ctx: dict) -> list[str]:
-    lines = []
-    reg = ctx["regressions"]
-    if reg and reg.flags:
-        lines += ["> **Regression:** " + "; ".join(_md_escape(f.message) for f in reg.flags), ""]
-    for w in ctx["timing_warnings"]:
-        lines += [f"> **{WARN} Timing contaminated:** {_md_escape(w)}. Its timing columns are "
-                  "marked ⚠ and it is not ranked on time.", ""]
-    return lines
+def _render(template: str, p: Page) -> str:
+    markdown = template.endswith(".md.j2")
+    text = _env(markdown).get_template(template).render(vars(p))
+    return text.removesuffix("\n") if markdown else text  # lines joined, not terminated
 
 
-def _md_regression(ctx: dict) -> list[str]:
-    reg = ctx["regressions"]
-    if reg is None:
-        return ["## Regression check", "", "Not run for this benchmark.", ""]
-    lines = ["## Regression check", ""]
-    if not reg.baselines:
-        lines.append("No earlier FINISHED run of this benchmark and config to compare with.")
-    elif not reg.flags:
-        lines.append(f"No regression against {len(reg.baselines)} earlier run(s): "
-                     + ", ".join(f"`{r}`" for r in reg.baselines) + ".")
-    else:
-        lines += [f"- **{_md_escape(f.message)}**" for f in reg.flags]
-    return lines + [f"- {_md_escape(n)}" for n in reg.notes] + [""]
-
-
-def _md_budget(ctx: dict) -> list[str]:
-    if not ctx["budget"]:
-        return []
-    lines = [f"- **{b['label']}:** {b['text']}" + (f" {b['note']}" if b["note"] else "")
-             for b in ctx["budget"].values()]
-    return lines + ["", BUDGET_TEXT, ""]
-
-
-def _md_splits(h: dict) -> list[str]:
-    parts = [f"final runs scored on `{h['scored_on']}`"] if h["scored_on"] else []
-    if h["selected_on"]:
-        parts.append(f"settings chosen on `{h['selected_on']}` (the grid runs)")
-    return ["- **Splits:** " + "; ".join(parts)] if parts else []
-
-
-def _md_sweep(ctx: dict) -> list[str]:
-    sweep = ctx["sweep"]
-    if not sweep:
-        return []
-    heads = sweep_heads(sweep)
-    lines = ["## Chosen settings", "", "| " + " | ".join(heads["chosen"]) + " |",
-             "|---|---|---:|---:|---:|---:|"]
-    lines += ["| " + " | ".join(_md_escape(c[k]) for k in ("method", "point", "value", "points",
-                                                             "reused", "final")) + " |"
-              for c in chosen_rows(sweep)]
-    lines += ["", SWEEP_TEXT, "", "### Grid points", "", "| " + " | ".join(heads["grid"]) + " |",
-              "|---|---|---|" + "---:|" * 4 + "---|---|"]
-    for g in grid_rows(sweep):
-        cells = [g["method"], g["point"], g["status"], *g["cells"], g["reused"],
-                 "★" if g["chosen"] else ""]
-        lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
-    return lines + [""]
-
-
-def _md_header(h: dict) -> list[str]:
-    return [f"- **Parent run:** `{h['parent_run_id']}` (experiment `{h['experiment']}`)",
-            f"- **Model:** `{h['model']}`",
-            f"- **Dataset:** `{h['dataset']}` (data digest `{h['data_digest']}`)",
-            *_md_splits(h),
-            f"- **Seeds:** {', '.join(map(str, h['seeds'])) or 'unknown'}; "
-            f"**reference method:** {h['reference']}",
-            f"- **Device:** {h['device']}", f"- **Date:** {h['date']}",
-            f"- **Git SHA:** `{h['git_sha']}`",
-            "- **Versions:** " + (", ".join(f"{k} {v}" for k, v in h["versions"].items())
-                                  or "unknown"),
-            f"- **Browse the runs:** `{h['ui_command']}`"]
-
-
-def parent_note(ctx: dict, limit: int = 7900) -> str:
+def parent_note(ctx: ReportContext, limit: int = 7900) -> str:
     """The parent run's description in the MLflow UI: the report's results table and
     verdicts (MLflow keeps 8,000 characters of a tag)."""
-    h = ctx["header"]
-    lines = [f"**{h['benchmark']}**: {len(ctx['summary'])} methods, seeds "
-             f"{', '.join(map(str, h['seeds']))}; full report in the `report/` artifacts.", ""]
-    lines += _md_table(ctx["summary"]) + [""] + _md_verdicts(ctx)
-    text = "\n".join(lines)
+    text = _render("note.md.j2", page(ctx))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def render_markdown(ctx: dict, with_charts: bool = True) -> str:
-    h = ctx["header"]
-    lines = [f"# peft-bench report: {h['benchmark']}", ""] + _md_budget(ctx)
-    if h["random_init"]:
-        lines += [f"> **Warning:** {ctx['random_init_text']}", ""]
-    if h["optimistic"]:
-        lines += [f"> **Warning, optimistic numbers:** {h['optimistic']}", ""]
-    lines += _md_alerts(ctx)
-    lines += _md_header(h) + ["", "## Results", ""]
-    lines += _md_table(ctx["summary"])
-    lines += ["", f"★ = no other method is faster and more accurate beyond the 95% intervals. "
-              f"{WARN} = timing contaminated by other processes. {INTERVALS_TEXT}", ""]
-    if ctx["reused"]:
-        lines += [f"↺ {reused_text(ctx['reused'])}", ""]
-    lines += _md_sweep(ctx) + _md_verdicts(ctx) + _md_regression(ctx)
-    if ctx["notes"]:
-        lines += ["## Notes", ""] + [f"- {_md_escape(n)}" for n in ctx["notes"]] + [""]
-    if ctx["failures"]:
-        lines += ["## Failed runs", ""]
-        for r in ctx["failures"]:
-            lines += [f"### {r['method']} seed {r['seed']} ({r['kind']}, run `{r['run_id']}`)", "",
-                      "```", str(r["error"]).replace("```", "'''"), "```", ""]
-    if with_charts:
-        lines += ["## Charts", ""]
-        for c in ctx["charts"]:
-            lines += [f"### {c.title}", "", f"![{c.title}]({c.path.name})", "", c.caption, ""]
-    return "\n".join(lines)
+def render_markdown(ctx: ReportContext, with_charts: bool = True) -> str:
+    return _render("report.md.j2", page(ctx, with_charts=with_charts))
 
 
-BUDGET_TEXT = (
-    "For each budget, the most accurate method that fits it: mean accuracy over the seeds "
-    "against mean peak memory or mean training time. A step up is only worth its cost when the "
-    "verdicts below call the difference significant.")
-WIDE_CHARTS = ("eval_accuracy", "sweep_sensitivity", "sweep_pareto")
-
-
-def render_html(ctx: dict) -> str:
-    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["j2", "html"]))
-    charts = [{"title": c.title, "caption": c.caption, "key": c.key,
-               "data_uri": "data:image/png;base64," + base64.b64encode(c.path.read_bytes()).decode()}
-              for c in ctx["charts"]]
-    sweep = ctx["sweep"]
-    return env.get_template("report.html.j2").render(
-        {**ctx, "charts": charts, "heads": [h for _, h, _, _ in COLUMNS],
-         "rows": table_rows(ctx["summary"]), "intervals_text": INTERVALS_TEXT, "warn": WARN,
-         "budget_text": BUDGET_TEXT, "wide_charts": WIDE_CHARTS,
-         "reused_text": reused_text(ctx["reused"]) if ctx["reused"] else None,
-         "sweep_heads": sweep_heads(sweep) if sweep else None, "sweep_text": SWEEP_TEXT,
-         "chosen_rows": chosen_rows(sweep) if sweep else [],
-         "grid_rows": grid_rows(sweep) if sweep else []})
+def render_html(ctx: ReportContext) -> str:
+    return _render("report.html.j2", page(ctx, embed_charts=True))

@@ -47,7 +47,7 @@ REUSE_CODE = (
 # tasks/tracking/ (MLflow plumbing), tasks/config/ (the settings are in the key as values) and
 # the rest of tasks/common/ (errors, progress, secrets).
 REUSE_SUFFIXES = (".py",)
-COPIED_ARTIFACTS = (names.PREDICTIONS, "config.yaml", "confusion_matrix.png")
+COPIED_ARTIFACTS = (names.PREDICTIONS, names.CONFIG_FILE, names.CONFUSION_MATRIX)
 _NOT_COPIED_TAGS = (names.PARENT, names.OWNER, names.FLOW_RUN_ID, names.FLOW_RUN_NAME,
                     names.FLOW_RUN_URL, names.WORKER, names.RESUMED)
 

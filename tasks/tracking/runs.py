@@ -269,7 +269,7 @@ def log_dataset(run_id: str, tracking: TrackingConfig, df, name: str, source: st
 def log_config(run_id: str, cfg: BenchConfig) -> None:
     """The resolved config (defaults, mlflow.yaml and overrides applied) as config.yaml."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.yaml"
+        path = Path(tmp) / names.CONFIG_FILE
         path.write_text(yaml.safe_dump(public_dump(cfg), sort_keys=False))
         log_artifact(run_id, cfg.tracking, path)
 
