@@ -59,11 +59,11 @@ def run_flow(api_url: str, config: str, rounds: int, overrides: list[str],
 def method_seconds(tracking_uri: str, parent: str) -> dict[str, dict[str, float]]:
     """(method, seed) -> its own train and eval seconds, read back from MLflow."""
     from tasks.common import names
-    from tasks.report import child_runs
+    from tasks.report import read_children
     keys = (names.TRAIN_TIME, names.PERIODIC_EVAL_TIME, names.EVAL_TIME)
     return {f"{r.data.tags[names.METHOD]}/seed={r.data.tags.get(names.SEED)}":
             {k: r.data.metrics.get(k, 0.0) for k in keys}
-            for r in child_runs(tracking_uri, parent)}
+            for r in read_children(tracking_uri, parent)}
 
 
 def overhead_s(res: dict, per: dict[str, dict[str, float]]) -> float:

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from transformers import AutoConfig
 
 from flows.finetune import finetune, prefect_tags
-from flows.orchestration.jobs import Job, final_jobs
+from flows.orchestration.jobs import Job, States, final_jobs
 from flows.orchestration.sweeping import run_grid
 from tasks.common import names, progress
 from tasks.common.secrets import redact
@@ -90,7 +90,7 @@ def start_parent_run(cfg: BenchConfig, data_digest: str, source: str,
             names.RANDOM_INIT: str(random_init(cfg)).lower(),
             names.GIT_SHA: tracking.git_sha(), names.DEVICE: str(resolve_device(cfg.training)),
             names.DATA_DIGEST: data_digest, names.DATA_SOURCE: source, **prefect_tags()}
-    return tracking.create_run(cfg, tags, run_name=cfg.name, params=params)
+    return tracking.open_run(cfg, tags, run_name=cfg.name, params=params)
 
 
 def planned_total_steps(cfg: BenchConfig, train_rows: int) -> int:
@@ -114,7 +114,7 @@ def resume_parent(cfg: BenchConfig, parent_run_id: str) -> str:
     return parent_run_id
 
 
-def run_local(cfg: BenchConfig, jobs: list[Job]) -> dict[str, str]:
+def run_local(cfg: BenchConfig, jobs: list[Job]) -> States:
     """Each job as an in-process child flow run, one after another, in the jobs' order (for
     final runs the method order rotates from one seed to the next)."""
     from prefect.settings import temporary_settings
@@ -126,7 +126,7 @@ def run_local(cfg: BenchConfig, jobs: list[Job]) -> dict[str, str]:
         for job in jobs:
             run = finetune.with_options(flow_run_name=job.flow_run_name(cfg.name))
             state = run(**job.parameters(config), return_state=True)
-            states[job.key] = state.type.value
+            states[job] = state.type.value
             if not state.is_completed():
                 get_run_logger().error("%s failed: %s", job.key, state.message)
                 error = state.result(raise_on_failure=False)
@@ -142,24 +142,24 @@ def dispatcher(cfg: BenchConfig):
     return run_local
 
 
-def run_all(cfg: BenchConfig, parent: str) -> dict[str, str]:
-    """The sweep's grid (if any), then the final runs; the states of all, keyed `Job.key`."""
+def run_all(cfg: BenchConfig, parent: str) -> States:
+    """The sweep's grid (if any), then the final runs; the states of all."""
     dispatch, chosen, states = dispatcher(cfg), None, {}
     if cfg.sweep is not None:
         client = tracking.client(cfg.tracking)
         grid_states, chosen = run_grid(cfg, client, client.get_run(parent), dispatch)
-        states.update({f"grid:{k}": v for k, v in grid_states.items()})
+        states.update(grid_states)
         for name, point in chosen.items():
             if point is None:  # no final runs to make: each counts as failed
-                states.update({f"{name}/seed={s}": "FAILED" for s in cfg.training.run_seeds})
+                states.update({Job(name, s, parent): "FAILED" for s in cfg.training.run_seeds})
     states.update(dispatch(cfg, final_jobs(cfg, parent, chosen)))
     return states
 
 
-def failed_tags(cfg: BenchConfig, states: dict[str, str]) -> dict[str, str]:
-    failed = sorted(k for k, s in states.items() if s != "COMPLETED")
-    methods = sorted({k.split("/seed=")[0] for k in failed})
-    return {names.FAILED_METHODS: ",".join(methods), names.FAILED_RUNS: ",".join(failed)}
+def failed_tags(finals: States) -> dict[str, str]:
+    failed = [job for job, s in finals.items() if s != "COMPLETED"]
+    return {names.FAILED_METHODS: ",".join(sorted({job.method for job in failed})),
+            names.FAILED_RUNS: ",".join(sorted(job.key for job in failed))}
 
 
 class AllRunsFailed(RuntimeError):
@@ -220,9 +220,9 @@ def benchmark(config_path: Optional[str] = None, overrides: Optional[list[str]] 
         tracking.log_config(parent, cfg)
         ensure_gpu_limit(cfg)
         states = run_all(cfg, parent)
-        tags = failed_tags(cfg, {k: v for k, v in states.items() if not k.startswith("grid:")})
+        finals = {job: s for job, s in states.items() if job.is_final}
+        tags = failed_tags(finals)
         tracking.set_tags(parent, cfg.tracking, tags)
-        finals = {k: v for k, v in states.items() if not k.startswith("grid:")}
         all_failed = bool(finals) and all(s != "COMPLETED" for s in finals.values())
         check = conclude_task(cfg, parent)
         progress.close_overall()
@@ -230,7 +230,7 @@ def benchmark(config_path: Optional[str] = None, overrides: Optional[list[str]] 
         if all_failed:  # the parent is FAILED too, after the report says why
             raise AllRunsFailed(f"every run failed: {tags[names.FAILED_RUNS]}")
     logger.info("report: %s", report.html_path)
-    result = {"parent_run_id": parent, "states": states,
+    result = {"parent_run_id": parent, "states": {job.key: s for job, s in states.items()},
               "failed": [k for k in tags[names.FAILED_RUNS].split(",") if k],
               "regressions": [f.message for f in check.flags] if check else [],
               "report_html": str(report.html_path), "report_md": str(report.markdown_path),

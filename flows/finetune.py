@@ -98,7 +98,7 @@ def start_child_run(cfg: BenchConfig, method: MethodConfig, parent_run_id: str,
             names.EVAL_SPLIT: plan.split_name, names.RUN_KEY: plan.key,
             names.DEVICE: str(device), **prefect_tags()}
     name = f"{method.name}-{plan.label}" if plan.phase == "grid" else f"{method.name}-seed{seed}"
-    return tracking.create_run(cfg, tags, run_name=name, params=params)
+    return tracking.open_run(cfg, tags, run_name=name, params=params)
 
 
 def log_eval(run_id: str, cfg: BenchConfig, ev: EvalResult, step: int) -> None:
@@ -148,7 +148,11 @@ def checkpoint_plan(cfg: BenchConfig, run_id: str) -> Optional[CheckpointPlan]:
     """Checkpoints go to <training.checkpoint_dir>/<MLflow run id>: a resume of the same run
     finds them, whichever process or worker picks it up (given a shared folder)."""
     every = cfg.training.checkpoint_every
-    return CheckpointPlan(Path(cfg.training.checkpoint_dir) / run_id, every) if every else None
+    return CheckpointPlan(checkpoint_folder(cfg, run_id), every) if every else None
+
+
+def checkpoint_folder(cfg: BenchConfig, run_id: str) -> Path:
+    return Path(cfg.training.checkpoint_dir) / run_id
 
 
 def save_weights(cfg: BenchConfig, method: MethodConfig, model, folder: Path,
@@ -188,37 +192,43 @@ def log_outputs(run_id: str, cfg: BenchConfig, method: MethodConfig, model, ev: 
 def run_method(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_id: str,
                device: torch.device, resumed: bool = False, split: str = "eval") -> dict[str, float]:
     torch.manual_seed(cfg.training.seed)  # head and adapter init follow the seed
+    folder = checkpoint_folder(cfg, run_id)
+    log_inputs(cfg, data, run_id, split, resumed)
+    try:
+        model, summary, res, peak_mb, model_size_mb = train_and_measure(cfg, method, data,
+                                                                        run_id, device, split)
+        ev = evaluate(cfg, model, data, device, with_texts=True, split=split)
+    except NonFiniteError:  # a diverged run's checkpoints would only diverge again
+        checkpoint.clear(folder)
+        raise
+    log_eval(run_id, cfg, ev, res.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_mb = log_outputs(run_id, cfg, method, model, ev, Path(tmp), data.label_names)
+    summary_metrics = summary_of(res, summary, ev, peak_mb, model_size_mb, adapter_mb)
+    tracking.log_metrics(run_id, cfg.tracking, summary_metrics, res.steps)  # eval: log_eval's
+    tracking.log_history(run_id, cfg.tracking, names.STEP_TIME, res.step_times)
+    result = {**summary_metrics, names.EVAL_ACCURACY: ev.metrics[names.ACCURACY],
+              names.EVAL_F1: ev.metrics[names.F1_MACRO]}
+    tracking.set_tags(run_id, cfg.tracking, {**timing_tags(method.name, res, cfg),
+                                             names.RUN_NOTE: run_note(cfg, method, result)})
+    if res.resumed_from is not None:
+        tracking.set_tags(run_id, cfg.tracking, {names.RESUMED: str(res.resumed_from)})
+    if res.resume_note:  # a damaged checkpoint was skipped: the run says which, and why
+        tracking.set_tags(run_id, cfg.tracking, {names.RESUME_NOTE: res.resume_note[:5000]})
+    if not cfg.training.keep_checkpoints:
+        checkpoint.clear(folder)
+    return result
+
+
+def log_inputs(cfg: BenchConfig, data: PreparedData, run_id: str, split: str,
+               resumed: bool) -> None:
+    """The datasets (once: a resumed run has them) and the class names, if any."""
     if not resumed:
         for role, df in (("train", data.train_df()), (split, data.frames[split].copy())):
             tracking.log_dataset(run_id, cfg.tracking, df, f"{cfg.name}-{role}",
                                  redact(data.source), role)
     if data.label_names is not None:
         tracking.set_tags(run_id, cfg.tracking, {names.LABEL_NAMES: names_tag(data.label_names)})
-    try:
-        model, summary, res, peak_mb, model_size_mb = train_and_measure(cfg, method, data,
-                                                                        run_id, device, split)
-        ev = evaluate(cfg, model, data, device, with_texts=True, split=split)
-    except NonFiniteError:  # a diverged run's checkpoints would only diverge again
-        checkpoint.clear(Path(cfg.training.checkpoint_dir) / run_id)
-        raise
-    log_eval(run_id, cfg, ev, res.steps)
-    with tempfile.TemporaryDirectory() as tmp:
-        adapter_mb = log_outputs(run_id, cfg, method, model, ev, Path(tmp), data.label_names)
-    summary_metrics = summary_of(res, summary, ev, peak_mb, model_size_mb, adapter_mb)
-    tracking.log_metrics(run_id, cfg.tracking, summary_metrics, res.steps)
-    tracking.log_history(run_id, cfg.tracking, names.STEP_TIME, res.step_times)
-    tracking.set_tags(run_id, cfg.tracking, {**timing_tags(method.name, res, cfg),
-                                             names.RUN_NOTE: run_note(cfg, method, {
-        **summary_metrics, names.EVAL_ACCURACY: ev.metrics[names.ACCURACY],
-        names.EVAL_F1: ev.metrics[names.F1_MACRO]})})
-    if res.resumed_from is not None:
-        tracking.set_tags(run_id, cfg.tracking, {names.RESUMED: str(res.resumed_from)})
-    if res.resume_note:  # a damaged checkpoint was skipped: the run says which, and why
-        tracking.set_tags(run_id, cfg.tracking, {names.RESUME_NOTE: res.resume_note[:5000]})
-    if not cfg.training.keep_checkpoints:
-        checkpoint.clear(Path(cfg.training.checkpoint_dir) / run_id)
-    return {**summary_metrics, names.EVAL_ACCURACY: ev.metrics[names.ACCURACY],
-            names.EVAL_F1: ev.metrics[names.F1_MACRO]}
 
 
 def summary_of(res: TrainResult, summary: pm.AdapterSummary, ev: EvalResult, peak_mb: float,

@@ -19,6 +19,7 @@ from prefect.events import emit_event
 from tasks.analysis import aggregate, regression
 from tasks.common import names
 from tasks.config.schema import BenchConfig
+from tasks.tracking import runs
 
 
 def publish(cfg: BenchConfig, parent_run_id: str, check: regression.Check,
@@ -40,7 +41,7 @@ def publish(cfg: BenchConfig, parent_run_id: str, check: regression.Check,
 
 def conclude(cfg: BenchConfig, parent_run_id: str) -> Optional[regression.Check]:
     """Aggregate the children into one run per method; check for regressions (if enabled)."""
-    client = MlflowClient(cfg.tracking.tracking_uri)
+    client = runs.client(cfg.tracking)
     parent = client.get_run(parent_run_id)
     summary = aggregate.summarize(client, parent)
     aggregate.log_aggregates(client, summary)

@@ -28,7 +28,6 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.analysis.aggregate import MethodAggregate, Summary, summarize
-from tasks.analysis.aggregate import child_runs as _child_runs
 from tasks.analysis.regression import Check
 from tasks.analysis.stats import pareto_beyond_noise
 from tasks.common import names
@@ -37,7 +36,7 @@ from tasks.reporting.charts import Chart, draw_all, method_colors
 from tasks.reporting.charts_sweep import draw_sweep, frontier
 from tasks.reporting.context import ReportContext
 from tasks.reporting.render import parent_note, render_html, render_markdown, verdict_rows
-from tasks.tracking import store
+from tasks.tracking import runs, store
 from tasks.tracking.runs import ui_path
 
 HISTORY_METRICS = (names.TRAIN_LOSS, names.EVAL_ACCURACY)
@@ -60,16 +59,16 @@ class ReportResult:
 
 def latest_parent_run(tracking_uri: str, experiment: str) -> Optional[str]:
     """The most recently started benchmark parent run in `experiment`, or None."""
-    client = MlflowClient(tracking_uri)
+    client = runs.client_at(tracking_uri)
     eid = store.experiment_id(client, experiment)
     run = store.first(client, eid, store.parent_query()) if eid is not None else None
     return run.info.run_id if run else None
 
 
-def child_runs(tracking_uri: str, parent_run_id: str) -> list[Run]:
+def read_children(tracking_uri: str, parent_run_id: str) -> list[Run]:
     """The parent's child runs (deleted ones left out), oldest first."""
-    client = MlflowClient(tracking_uri)
-    return _child_runs(client, get_parent(client, parent_run_id))
+    client = runs.client_at(tracking_uri)
+    return store.children_of(client, get_parent(client, parent_run_id))
 
 
 def get_parent(client: MlflowClient, run_id: str, what: str = "parent run") -> Run:
@@ -253,7 +252,7 @@ def _splits(client: MlflowClient, parent: Run, summary: Summary, sweep: Optional
     """Which split scored the finals (their tags), which chose the settings, and whether the
     two are the same split, which makes the final numbers optimistic."""
     latest = {r.run_id for m in summary.methods.values() for r in m.runs}
-    scored = sorted({r.data.tags[names.EVAL_SPLIT] for r in _child_runs(client, parent)
+    scored = sorted({r.data.tags[names.EVAL_SPLIT] for r in store.children_of(client, parent)
                      if r.info.run_id in latest and names.EVAL_SPLIT in r.data.tags})
     scored_on = ", ".join(scored) or None
     selected_on = sweep["selection_split"] if sweep else None
@@ -344,7 +343,7 @@ def _write(ctx: ReportContext, work: Path) -> list[Chart]:
 def generate_report(parent_run_id: str, tracking_uri: str, out_dir: Path) -> ReportResult:
     """Write report.md, report.html, charts and summary.json into out_dir/<parent_run_id>/ and
     log them to the parent run under `report/`."""
-    client = MlflowClient(tracking_uri)
+    client = runs.client_at(tracking_uri)
     ctx = _context(client, parent_run_id, tracking_uri)  # fails before anything is written
     run_id = ctx.header["parent_run_id"]
     out_dir = Path(out_dir)

@@ -150,6 +150,50 @@ def _grad_norm(trainable: list[torch.Tensor], max_norm: Optional[float]) -> floa
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
+@dataclass
+class LoopContext:
+    """What one training run is given: the model and its data, the settings, and the callbacks
+    (`log(metrics, step)` every `log_every` steps, `evaluate(step)` every `eval_every` steps,
+    its time not counted) and checkpoint plan."""
+    model: nn.Module
+    train: SplitData
+    cfg: TrainingConfig
+    lr: float
+    pad_token_id: int
+    device: torch.device
+    log: Optional[LogFn] = None
+    evaluate: Optional[Callable[[int], None]] = None
+    ckpt: Optional[CheckpointPlan] = None
+
+
+@dataclass
+class Optimiser:
+    """AdamW, its schedule over `steps` optimiser steps, and the tensors it trains."""
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    trainable: list[torch.Tensor]
+    steps: int
+
+    @classmethod
+    def build(cls, ctx: LoopContext, batches_per_epoch: int) -> "Optimiser":
+        cfg = ctx.cfg
+        steps = total_steps(cfg, batches_per_epoch)
+        opt = torch.optim.AdamW(param_groups(ctx.model, cfg.weight_decay), lr=ctx.lr,
+                                fused=use_fused(cfg, ctx.device))
+        sched = get_scheduler(cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * steps),
+                              num_training_steps=steps)
+        return cls(opt, sched, [p for p in ctx.model.parameters() if p.requires_grad], steps)
+
+    def step(self, ctx: LoopContext, prog: checkpoint.Progress) -> None:
+        """Clip, check the norm (a non-finite one never reaches the weights), step, zero."""
+        norm = _grad_norm(self.trainable, ctx.cfg.max_grad_norm)
+        if not math.isfinite(norm):
+            raise _diverged("the gradient norm", prog.step + 1, norm, prog.losses, ctx.cfg, ctx.lr)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
 def train_model(model: nn.Module, train: SplitData, cfg: TrainingConfig, lr: float,
                 pad_token_id: int, device: torch.device, log: Optional[LogFn] = None,
                 evaluate: Optional[Callable[[int], None]] = None,
@@ -157,8 +201,9 @@ def train_model(model: nn.Module, train: SplitData, cfg: TrainingConfig, lr: flo
     """AdamW + schedule + accumulation + clipping. `log(metrics, step)` every `log_every`
     optimiser steps, `evaluate(step)` every `cfg.eval_every` steps (its time is not counted).
     The machine's load from other processes is measured over the whole loop."""
+    ctx = LoopContext(model, train, cfg, lr, pad_token_id, device, log, evaluate, ckpt)
     with MachineLoad(gpu_index=_gpu_index(device)) as load:
-        res = _train_loop(model, train, cfg, lr, pad_token_id, device, log, evaluate, ckpt)
+        res = _train_loop(ctx)
     res.load = load.reading
     return res
 
@@ -169,42 +214,24 @@ def _gpu_index(device: torch.device) -> Optional[int]:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _train_loop(model, train, cfg, lr, pad_token_id, device, log, evaluate, ckpt) -> TrainResult:
+def _train_loop(ctx: LoopContext) -> TrainResult:
+    cfg = ctx.cfg
     torch.manual_seed(cfg.seed)
-    loader = make_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                         pad_token_id=pad_token_id, group_by_length=cfg.group_by_length)
-    steps = total_steps(cfg, len(loader))
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr,
-                            fused=use_fused(cfg, device))
-    sched = get_scheduler(cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * steps),
-                          num_training_steps=steps)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    loader = make_loader(ctx.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                         pad_token_id=ctx.pad_token_id, group_by_length=cfg.group_by_length)
+    optim = Optimiser.build(ctx, len(loader))
     stream = BatchStream(loader)
-    prog, note = _resume(ckpt, model, opt, sched, device, stream)
-    model.train()
-    bar = progress.run_bar(steps, prog.step, "train")
-    micro, window, segment = 0, [], 0.0
+    prog, note = _resume(ctx.ckpt, ctx.model, optim.opt, optim.sched, ctx.device, stream)
+    ctx.model.train()
+    bar = progress.run_bar(optim.steps, prog.step, "train")
+    micro, window = 0, []
     t0 = step_start = time.perf_counter()
-    for batch in _take(stream, (steps - prog.step) * cfg.grad_accum):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast(device, cfg.precision):
-            loss = model(**batch).loss
-        value = loss.item()  # syncs CUDA, so the step time below is real
-        if not math.isfinite(value):
-            raise _diverged("the loss", prog.step + 1, value, prog.losses, cfg, lr)
-        (loss / cfg.grad_accum).backward()
-        prog.samples += len(batch["labels"])
-        prog.tokens += int(batch["attention_mask"].sum())
-        window.append(value)
+    for batch in _take(stream, (optim.steps - prog.step) * cfg.grad_accum):
+        window.append(_forward_backward(ctx, batch, prog))
         micro += 1
         if micro % cfg.grad_accum:
             continue
-        norm = _grad_norm(trainable, cfg.max_grad_norm)
-        if not math.isfinite(norm):
-            raise _diverged("the gradient norm", prog.step + 1, norm, prog.losses, cfg, lr)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        optim.step(ctx, prog)
         prog.step += 1
         prog.losses.append(sum(window) / len(window))
         window = []
@@ -213,23 +240,31 @@ def _train_loop(model, train, cfg, lr, pad_token_id, device, log, evaluate, ckpt
         bar.update(1)
         progress.step_done()
         bar.set_postfix(loss=f"{prog.losses[-1]:.4f}", refresh=False)
-        _between_steps(prog, steps, cfg, sched, log, evaluate, model)
-        segment = now - t0
-        if ckpt is not None and prog.step % ckpt.every == 0 and prog.step < steps:
-            prog.epoch, prog.batches_into_epoch = stream.epoch, stream.taken
-            prog.train_time_s += segment
-            checkpoint.save(ckpt.folder, model, opt, sched, prog, stream.epoch_state, device,
-                            keep=cfg.keep_last)
-            prog.train_time_s -= segment  # added once, at the end
+        _between_steps(ctx, optim, prog, stream, segment=now - t0)
         t0 += time.perf_counter() - now  # logging, evaluation, checkpoints: not training time
         step_start = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
     bar.close()
     prog.train_time_s += time.perf_counter() - t0
     return TrainResult(prog.step, prog.train_time_s, prog.samples, prog.tokens, prog.losses,
                        prog.periodic_eval_s, prog.step_times, cfg.timing_warmup_steps,
                        resumed_from=prog.resumed_from, resume_note=note)
+
+
+def _forward_backward(ctx: LoopContext, batch: dict, prog: checkpoint.Progress) -> float:
+    """One micro-batch: forward, check the loss (a non-finite one stops the run before any
+    backward), backward of loss / grad_accum. Returns the loss."""
+    batch = {k: v.to(ctx.device) for k, v in batch.items()}
+    with autocast(ctx.device, ctx.cfg.precision):
+        loss = ctx.model(**batch).loss
+    value = loss.item()  # syncs CUDA, so the step time is real
+    if not math.isfinite(value):
+        raise _diverged("the loss", prog.step + 1, value, prog.losses, ctx.cfg, ctx.lr)
+    (loss / ctx.cfg.grad_accum).backward()
+    prog.samples += len(batch["labels"])
+    prog.tokens += int(batch["attention_mask"].sum())
+    return value
 
 
 def _resume(ckpt, model, opt, sched, device, stream: BatchStream):
@@ -258,14 +293,26 @@ def _take(stream: BatchStream, n: int):
             return
 
 
-def _between_steps(prog, steps, cfg, sched, log, evaluate, model) -> None:
-    if log and prog.step % cfg.log_every == 0:
-        log({names.TRAIN_LOSS: prog.losses[-1], names.TRAIN_LR: sched.get_last_lr()[0]}, prog.step)
-    if evaluate and cfg.eval_every and prog.step % cfg.eval_every == 0 and prog.step < steps:
+def _between_steps(ctx: LoopContext, optim: Optimiser, prog: checkpoint.Progress,
+                   stream: BatchStream, segment: float) -> None:
+    """Logging, periodic evaluation and checkpoints after an optimiser step. `segment` is the
+    training time since the last such pause: a checkpoint records it so that a resumed run's
+    train time adds up to an uninterrupted one's."""
+    cfg, steps = ctx.cfg, optim.steps
+    if ctx.log and prog.step % cfg.log_every == 0:
+        ctx.log({names.TRAIN_LOSS: prog.losses[-1], names.TRAIN_LR: optim.sched.get_last_lr()[0]},
+                prog.step)
+    if ctx.evaluate and cfg.eval_every and prog.step % cfg.eval_every == 0 and prog.step < steps:
         e0 = time.perf_counter()
-        evaluate(prog.step)
-        model.train()
+        ctx.evaluate(prog.step)
+        ctx.model.train()
         prog.periodic_eval_s += time.perf_counter() - e0
+    if ctx.ckpt is not None and prog.step % ctx.ckpt.every == 0 and prog.step < steps:
+        prog.epoch, prog.batches_into_epoch = stream.epoch, stream.taken
+        prog.train_time_s += segment
+        checkpoint.save(ctx.ckpt.folder, ctx.model, optim.opt, optim.sched, prog,
+                        stream.epoch_state, ctx.device, keep=cfg.keep_last)
+        prog.train_time_s -= segment  # added once, at the end
 
 
 @task(name="train", cache_policy=NO_CACHE)

@@ -20,7 +20,7 @@ from flows.cli.main import app
 from tasks.config.schema import DataConfig
 from tasks.evaluate import evaluate_model
 from tasks.prepare import tokenize_splits
-from tasks.report import child_runs
+from tasks.report import read_children
 
 runner = CliRunner()
 
@@ -33,7 +33,7 @@ def trained(prefect_harness, tmp_path_factory, tiny_model_dir, sst2_dir):
                       cfg["methods"][3]]  # full, dora, qlora
     result = benchmark(config=cfg)
     uri = cfg["tracking"]["tracking_uri"]
-    runs = {r.data.tags["peft_bench.method"]: r for r in child_runs(uri, result["parent_run_id"])}
+    runs = {r.data.tags["peft_bench.method"]: r for r in read_children(uri, result["parent_run_id"])}
     data = tokenize_splits(DataConfig.model_validate(cfg["data"]), str(tiny_model_dir))
     return cfg, uri, runs, data, tmp
 

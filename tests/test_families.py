@@ -16,7 +16,7 @@ from flows.benchmark import benchmark
 from peft_modules.quant import is_linear4bit
 from tasks.config.schema import MethodConfig, ModelConfig
 from tasks.load import load_model
-from tasks.report import child_runs
+from tasks.report import read_children
 
 METHODS = ("full", "lora", "dora", "qlora", "qdora")
 # The head modules each family's ...ForSequenceClassification has, written out by hand.
@@ -72,7 +72,7 @@ def test_every_method_finishes_with_default_targets(family, family_dirs, prefect
     result = benchmark(config=cfg)
     assert result["failed"] == []
     kids = {r.data.tags["peft_bench.method"]: r
-            for r in child_runs(cfg["tracking"]["tracking_uri"], result["parent_run_id"])}
+            for r in read_children(cfg["tracking"]["tracking_uri"], result["parent_run_id"])}
     assert sorted(kids) == sorted(METHODS)
     client = MlflowClient(cfg["tracking"]["tracking_uri"])
     for name, run in kids.items():

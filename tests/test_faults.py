@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from flows.benchmark import benchmark
 from flows.cli.main import app
-from tasks.report import child_runs
+from tasks.report import read_children
 
 runner = CliRunner()
 
@@ -65,7 +65,7 @@ def test_diverged_method_fails_loudly_and_the_others_finish(prefect_harness, tmp
     result = benchmark(config=cfg)
     assert result["failed"] == ["boom/seed=42"]
     client = MlflowClient(cfg["tracking"]["tracking_uri"])
-    kids = {r.data.tags["peft_bench.method"]: r for r in child_runs(
+    kids = {r.data.tags["peft_bench.method"]: r for r in read_children(
         cfg["tracking"]["tracking_uri"], result["parent_run_id"])}
     boom = kids["boom"]
     assert boom.info.status == "FAILED" and kids["lora"].info.status == "FINISHED"
@@ -137,7 +137,7 @@ def test_killed_cli_is_closed_and_resumes_to_identical_results(prefect_harness, 
     assert int(after["lora"].data.tags["peft_bench.resumed_from_step"]) in range(10, 150, 10)
     assert after["full"].info.end_time == left["full"].info.end_time  # not re-run
     assert "peft_bench.resumed_from_step" not in after["full"].data.tags
-    ref = {r.data.tags["peft_bench.method"]: r.data.metrics for r in child_runs(
+    ref = {r.data.tags["peft_bench.method"]: r.data.metrics for r in read_children(
         ref_cfg["tracking"]["tracking_uri"], reference["parent_run_id"])}
     for method in ("full", "lora"):  # bit-identical on CPU
         for metric in ("eval/accuracy", "eval/loss", "eval/f1_macro", "train/loss", "train_steps"):

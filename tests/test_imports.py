@@ -124,3 +124,22 @@ def test_every_package_is_listed_in_pyproject():
 def test_every_package_says_what_lives_in_it(package):
     doc = ast.get_docstring(ast.parse(modules()[package].read_text()))
     assert doc and "TODO" not in doc, f"{package}/__init__.py has no docstring"
+
+
+def calls_outside_tracking(names: set[str]) -> list[str]:
+    """`x.NAME(...)` or `NAME(...)` for NAME in `names`, in our modules outside tasks/tracking/."""
+    found = []
+    for m, path in modules().items():
+        if m.startswith("tasks.tracking"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+                if name in names:
+                    found.append(f"{m}:{node.lineno} calls {name}")
+    return found
+
+
+def test_only_the_tracking_layer_creates_runs_searches_them_or_makes_a_client():
+    assert calls_outside_tracking({"create_run", "search_runs", "MlflowClient"}) == []

@@ -14,7 +14,7 @@ import pytest
 from conftest import make_bench_config
 
 from flows.benchmark import benchmark
-from tasks.report import child_runs
+from tasks.report import read_children
 
 MARGIN = 0.10  # above the majority rate, in accuracy
 HIDDEN, LAYERS, RANK = 384, 6, 8
@@ -40,7 +40,7 @@ def _bench(tmp, tiny_model_dir, sst2_dir, name, methods, train_size, lr):
     cfg["training"].update(max_steps=None, epochs=1, batch_size=16, lr=lr, eval_every=None,
                            warmup_ratio=0.1, group_by_length=True)
     result = benchmark(config=cfg)
-    runs = child_runs(cfg["tracking"]["tracking_uri"], result["parent_run_id"])
+    runs = read_children(cfg["tracking"]["tracking_uri"], result["parent_run_id"])
     return {r.data.tags["peft_bench.method"]: r for r in runs}
 
 

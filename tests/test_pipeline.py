@@ -11,7 +11,7 @@ from conftest import make_bench_config
 from mlflow.tracking import MlflowClient
 
 from flows.benchmark import benchmark
-from tasks.report import child_runs
+from tasks.report import read_children
 
 SUMMARY = ["train_time_s", "step_time_median_s", "other_cpu_share", "samples_per_s", "tokens_per_s", "peak_memory_mb", "trainable_params",
            "trainable_pct", "model_size_mb", "adapter_size_mb", "eval/accuracy", "eval/loss",
@@ -35,7 +35,7 @@ def test_children_finished_with_metrics(finished):
     assert parent.data.tags["peft_bench.random_init"] == "true"
     assert parent.data.params["data.train_size"] == "96"
     assert parent.data.tags["peft_bench.failed_methods"] == "broken"
-    runs = {r.data.tags["peft_bench.method"]: r for r in child_runs(cfg["tracking"]["tracking_uri"],
+    runs = {r.data.tags["peft_bench.method"]: r for r in read_children(cfg["tracking"]["tracking_uri"],
                                                                       result["parent_run_id"])}
     assert sorted(runs) == ["broken", "dora", "full", "lora", "qlora"]
     for name in ("full", "lora", "dora", "qlora"):
@@ -70,7 +70,7 @@ def test_children_finished_with_metrics(finished):
 def test_method_specific_numbers(finished):
     cfg, result, client = finished
     m = {r.data.tags["peft_bench.method"]: r.data.metrics
-         for r in child_runs(cfg["tracking"]["tracking_uri"], result["parent_run_id"])}
+         for r in read_children(cfg["tracking"]["tracking_uri"], result["parent_run_id"])}
     assert m["full"]["trainable_pct"] == 100.0
     assert m["lora"]["trainable_params"] < m["dora"]["trainable_params"] < m["full"]["trainable_params"]
     assert m["qlora"]["trainable_params"] == m["lora"]["trainable_params"]
@@ -84,7 +84,7 @@ def test_report_numbers_equal_mlflow(finished):
     report_dir = Path(result["report_html"]).parent
     summary = json.loads((report_dir / "summary.json").read_text())
     rows = {r["method"]: r for r in summary["methods"]}
-    for run in child_runs(cfg["tracking"]["tracking_uri"], result["parent_run_id"]):
+    for run in read_children(cfg["tracking"]["tracking_uri"], result["parent_run_id"]):
         row = rows[run.data.tags["peft_bench.method"]]
         assert row["status"] == run.info.status
         if run.info.status != "FINISHED":

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from flows.benchmark import RegressionError, benchmark
 from flows.cli.main import app
-from tasks.report import child_runs
+from tasks.report import read_children
 
 SEEDS = [11, 22]
 AGGREGATED = {"accuracy": "eval/accuracy", "f1_macro": "eval/f1_macro", "eval_loss": "eval/loss",
@@ -53,7 +53,7 @@ def runs(prefect_harness, tmp_path_factory, tiny_model_dir, sst2_dir):
 
 
 def _children(cfg, result) -> list:
-    return child_runs(cfg["tracking"]["tracking_uri"], result["parent_run_id"])
+    return read_children(cfg["tracking"]["tracking_uri"], result["parent_run_id"])
 
 
 def _aggregates(client, cfg, result) -> dict:

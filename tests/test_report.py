@@ -17,7 +17,7 @@ from mlflow.entities import Metric, Param
 from scipy import stats as st
 
 from tasks import report as report_mod
-from tasks.report import ReportError, child_runs, generate_report, latest_parent_run
+from tasks.report import ReportError, generate_report, latest_parent_run, read_children
 from tasks.tracking.store import UnknownRun
 
 EXPERIMENT = "peft-bench-test"
@@ -141,7 +141,7 @@ def _summary(result) -> dict:
 def _per_seed(client: MlflowClient, uri: str, parent: str) -> dict:
     """method -> seed -> the run's metrics, straight from MLflow."""
     out: dict = {}
-    for run in child_runs(uri, parent):
+    for run in read_children(uri, parent):
         if run.info.status == "FINISHED":
             metrics = client.get_run(run.info.run_id).data.metrics
             out.setdefault(run.data.tags["peft_bench.method"], {})[
@@ -273,7 +273,7 @@ def test_failed_method_in_table_not_in_charts(bench):
 def test_partial_method_averages_finished_seeds(tmp_path):
     uri, parent = build_store(tmp_path, failed=None, contaminated=None)
     client = MlflowClient(uri)
-    run = next(r for r in child_runs(uri, parent) if r.data.tags["peft_bench.method"] == "lora-r8"
+    run = next(r for r in read_children(uri, parent) if r.data.tags["peft_bench.method"] == "lora-r8"
                and r.data.tags["peft_bench.seed"] == "3")
     retry = client.create_run(run.info.experiment_id, run_name="lora-r8-seed3", tags={
         **_child_tags(parent, "lora-r8", "lora", 3), "peft_bench.error": "killed"}).info.run_id
@@ -390,7 +390,7 @@ def test_rebuilt_report_keeps_a_users_files(tmp_path):
 
 def test_child_run_id_is_refused(bench):
     uri, parent, root, _ = bench
-    child = child_runs(uri, parent)[0].info.run_id
+    child = read_children(uri, parent)[0].info.run_id
     with pytest.raises(ReportError, match="child run"):
         generate_report(child, uri, root / "other")
 
@@ -399,7 +399,7 @@ def test_latest_parent_run(bench):
     uri, parent, _, _ = bench
     assert latest_parent_run(uri, EXPERIMENT) == parent
     assert latest_parent_run(uri, "no-such-experiment") is None
-    assert len(child_runs(uri, parent)) == len(METHODS) * len(SEEDS) + 1
+    assert len(read_children(uri, parent)) == len(METHODS) * len(SEEDS) + 1
 
 
 def test_task_fn_publishes_markdown(tmp_path, monkeypatch):

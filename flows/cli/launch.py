@@ -73,14 +73,14 @@ def mask_overrides(overrides: list[str]) -> list[str]:
 def resumed_config(parent_run_id: str, overrides: list[str]) -> dict:
     """The resolved config an earlier benchmark logged (config.yaml on its parent run)."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     raw = {"tracking": tracking_from_files(Path("mlflow.yaml"))}
     tracking = build_config({**raw, "methods": [{"name": "x", "method": "full"}]}, "resume",
                             [o for o in overrides if o.startswith("tracking.")]).tracking
+    from tasks.tracking import runs
     from tasks.tracking.store import UnknownRun, get_run
 
-    client = MlflowClient(tracking.tracking_uri)
+    client = runs.client(tracking)
     try:
         get_run(client, parent_run_id, "--resume run")
     except UnknownRun as e:

@@ -20,7 +20,6 @@ console = Console(width=160)
 def show_benchmark(tracking_uri: str, parent_run_id: str, baseline: Optional[str] = None) -> None:
     """The methods, the verdicts and the regression check of one benchmark, from MLflow. With
     `baseline`, the regression check is made against that run instead of the stored one."""
-    from mlflow import MlflowClient
 
     from flows.cli.display import methods_table, regression_lines, verdicts_table
     from tasks.analysis.aggregate import summarize
@@ -28,8 +27,9 @@ def show_benchmark(tracking_uri: str, parent_run_id: str, baseline: Optional[str
     from tasks.common import names
     from tasks.config.schema import RegressionConfig
     from tasks.report import get_parent
+    from tasks.tracking import runs
 
-    client = MlflowClient(tracking_uri)
+    client = runs.client_at(tracking_uri)
     parent = get_parent(client, parent_run_id, "--parent run")
     against_run = get_parent(client, baseline, "--baseline run") if baseline else None
     summary = summarize(client, parent)  # both ids checked first: no table, then an error
@@ -85,16 +85,7 @@ def run(config: Optional[Path] = typer.Argument(
     selected = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     masked = launch.mask_overrides(set_)
     try:
-        try:  # everything that can be checked is checked before a server or a flow starts
-            cfg, as_dict = launch.load(config, set_, selected, resume)
-            launch.check_light(cfg)  # the output folder first: the run's log file goes there
-            quiet_other_libraries(run_log(cfg), verbose)
-            launch.check(cfg, lambda line: console.print(f"[yellow]{line}[/yellow]",
-                                                         highlight=False))
-            launch.server(server_timeout)
-        except launch.LaunchError as e:
-            _restore_logging()
-            _fail(str(e), code=e.code)
+        cfg, as_dict = _launch(config, set_, selected, resume, server_timeout, verbose)
         try:
             _run_flow(cfg, config, as_dict, masked, selected, resume, verbose)
         finally:
@@ -110,6 +101,23 @@ def run(config: Optional[Path] = typer.Argument(
         import signal
 
         signal.signal(signal.SIGTERM, previous)
+
+
+def _launch(config: Optional[Path], set_: list[str], selected: Optional[list[str]],
+            resume: Optional[str], server_timeout: Optional[float], verbose: bool):
+    """Everything that can be checked is checked before a server or a flow starts."""
+    from flows.cli import launch
+
+    try:
+        cfg, as_dict = launch.load(config, set_, selected, resume)
+        launch.check_light(cfg)  # the output folder first: the run's log file goes there
+        quiet_other_libraries(run_log(cfg), verbose)
+        launch.check(cfg, lambda line: console.print(f"[yellow]{line}[/yellow]", highlight=False))
+        launch.server(server_timeout)
+    except launch.LaunchError as e:
+        _restore_logging()
+        _fail(str(e), code=e.code)
+    return cfg, as_dict
 
 
 def _restore_logging() -> None:

@@ -35,7 +35,7 @@ from prefect.logging import get_logger
 from prefect.settings import get_current_settings
 from prefect.states import Crashed
 
-from flows.orchestration.jobs import Job
+from flows.orchestration.jobs import Job, States
 from tasks.config.build import public_dump
 from tasks.config.schema import BenchConfig, ConfigError
 from tasks.tracking import runs as tracking
@@ -144,9 +144,9 @@ def wait_all(flow_run_ids: dict[str, UUID], stale_after: Optional[float] | str =
     return done
 
 
-def run_deployments(cfg: BenchConfig, jobs: list[Job]) -> dict[str, str]:
+def run_deployments(cfg: BenchConfig, jobs: list[Job]) -> States:
     """Start one finetune flow run per job, all at once (in the jobs' order), wait for all,
-    return their states keyed by `Job.key`."""
+    return their states."""
     logger = get_run_logger()
     config = public_dump(cfg)  # parameters are stored by Prefect: no credentials
     started = {}
@@ -156,9 +156,9 @@ def run_deployments(cfg: BenchConfig, jobs: list[Job]) -> dict[str, str]:
                              parameters=job.parameters(config))
         logger.info("%s: flow run %s", job.key, run.id)
         started[job.key] = run.id
-    states = {}
+    by_key, states = {job.key: job for job in jobs}, {}
     for key, run in wait_all(started, logger=logger).items():
-        states[key] = run.state.type.value
+        states[by_key[key]] = run.state.type.value
         if not run.state.is_completed():
             # A killed worker cannot close its MLflow run; the parent, still alive, does.
             why = f"flow run {run.state.name}: {run.state.message}"

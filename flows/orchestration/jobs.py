@@ -11,16 +11,22 @@ from tasks.config.sweep import label
 
 @dataclass(frozen=True)
 class Job:
+    """One finetune flow run. Jobs key the states a dispatch returns; `key` is only how one is
+    named to a person (console lines, the flow's result, the failed-runs tag)."""
     method: str
     seed: int
     parent_run_id: str  # the benchmark's run (a final run) or the method's run (a grid point)
-    point: dict = field(default_factory=dict)
-    phase: str = "final"
+    point: dict = field(default_factory=dict, hash=False)  # a dict: equal jobs hash alike anyway
+    phase: str = "final"  # or "grid"
+
+    @property
+    def is_final(self) -> bool:
+        return self.phase == "final"
 
     @property
     def key(self) -> str:
         key = f"{self.method}/seed={self.seed}"
-        return key + f"/{label(self.point)}" if self.phase == "grid" else key
+        return key if self.is_final else f"grid:{key}/{label(self.point)}"
 
     def flow_run_name(self, benchmark: str) -> str:
         if self.phase == "grid":
@@ -30,6 +36,9 @@ class Job:
     def parameters(self, config: dict) -> dict:
         return {"config": config, "method_name": self.method, "parent_run_id": self.parent_run_id,
                 "seed": self.seed, "point": self.point or None, "phase": self.phase}
+
+
+States = dict[Job, str]  # each job's final Prefect state type, e.g. COMPLETED, FAILED
 
 
 def final_jobs(cfg: BenchConfig, parent_run_id: str,

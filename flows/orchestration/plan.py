@@ -29,15 +29,14 @@ class Estimate:
 
 def history(cfg: BenchConfig, digest: str) -> dict[str, Estimate]:
     """method kind -> timing, from FINISHED runs on the same data and model; {} if none."""
-    from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import store
+    from tasks.tracking import runs, store
     from tasks.tracking.lifecycle import sqlite_path
 
     db = sqlite_path(cfg.tracking.tracking_uri)
     if db is not None and not db.exists():
         return {}  # no history, and `plan` creates no store
-    client = MlflowClient(cfg.tracking.tracking_uri)
+    client = runs.client(cfg.tracking)
     eid = store.experiment_id(client, cfg.tracking.experiment)
     if eid is None:
         return {}

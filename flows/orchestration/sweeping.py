@@ -14,14 +14,15 @@ from typing import Callable, Optional
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from flows.orchestration.jobs import Job, grid_jobs
+from flows.orchestration.jobs import Job, States, grid_jobs
 from tasks.common import names
 from tasks.config.schema import BenchConfig
 from tasks.config.sweep import better
+from tasks.tracking import runs as tracking
 from tasks.tracking import store
 from tasks.tracking.owner import owner_tag
 
-Dispatch = Callable[[BenchConfig, list[Job]], dict[str, str]]
+Dispatch = Callable[[BenchConfig, list[Job]], States]
 
 
 def open_method_runs(cfg: BenchConfig, client: MlflowClient, parent: Run) -> dict[str, str]:
@@ -39,8 +40,8 @@ def open_method_runs(cfg: BenchConfig, client: MlflowClient, parent: Run) -> dic
             client.update_run(out[m.name], status="RUNNING")
             client.set_tag(out[m.name], names.OWNER, tags[names.OWNER])
         else:
-            out[m.name] = client.create_run(parent.info.experiment_id, tags=tags,
-                                            run_name=f"{m.name} [{cfg.name}]").info.run_id
+            out[m.name] = tracking.new_run(client, parent.info.experiment_id,
+                                           f"{m.name} [{cfg.name}]", tags, owner=tags[names.OWNER])
     return out
 
 
@@ -68,7 +69,7 @@ def _point_key(run: Run) -> str:
 
 
 def run_grid(cfg: BenchConfig, client: MlflowClient, parent: Run,
-             dispatch: Dispatch) -> tuple[dict[str, str], dict[str, Optional[dict]]]:
+             dispatch: Dispatch) -> tuple[States, dict[str, Optional[dict]]]:
     """Train every grid point, then tag each method's chosen point. Returns the grid runs'
     states and method -> chosen point (None when every point of the method failed)."""
     method_runs = open_method_runs(cfg, client, parent)

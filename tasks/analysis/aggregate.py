@@ -33,7 +33,7 @@ from tasks.analysis.stats import (
     t_interval,
 )
 from tasks.common import names
-from tasks.tracking import store
+from tasks.tracking import runs, store
 
 
 @dataclass
@@ -142,12 +142,6 @@ class Summary:
 
 
 # ---------------------------------------------------------------- reading the children
-
-def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
-    """The parent's child runs (deleted ones left out), oldest first."""
-    runs = store.children(client, parent.info.experiment_id, parent.info.run_id)
-    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
-
 
 def _finite(v) -> Optional[float]:
     return None if v is None or not math.isfinite(v) else float(v)
@@ -270,7 +264,7 @@ def summarize(client: MlflowClient, parent: Run) -> Summary:
     """Everything the report and the aggregate runs need, from the parent's child runs (and,
     for a sweep, the grid runs under the methods' runs)."""
     notes: list[str] = []
-    children = child_runs(client, parent)
+    children = store.children_of(client, parent)
     runs = [seed_run(r) for r in children]
     methods = {}
     for name in _method_order(parent, runs):
@@ -356,8 +350,8 @@ def log_aggregates(client: MlflowClient, summary: Summary) -> dict[str, str]:
         if agg.failures:
             tags[names.ERROR] = "; ".join(f"seed {r.seed}: {r.error}" for r in agg.failures)[:5000]
         tags[names.RUN_NOTE] = method_note(agg, by_method.get(name), bench)
-        run_id = existing.get(name) or client.create_run(
-            parent.info.experiment_id, run_name=f"{name} [{bench}]").info.run_id
+        run_id = existing.get(name) or runs.new_run(client, parent.info.experiment_id,
+                                                    f"{name} [{bench}]", tags)
         client.log_batch(run_id, metrics=aggregate_metrics(agg, by_method.get(name)),
                          tags=[RunTag(k, str(v)) for k, v in tags.items()])
         client.set_terminated(run_id, "FINISHED" if agg.finished else "FAILED")

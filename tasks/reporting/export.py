@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from tasks.common import names
 from tasks.config.schema import BenchConfig, MethodConfig
 from tasks.reporting import outdir
-from tasks.tracking import store
+from tasks.tracking import runs, store
 
 
 class ExportError(RuntimeError):
@@ -62,7 +62,7 @@ def export_run(tracking_uri: str, run_id: str, out: Path, merged: bool = False,
     refused unless `force`; even then only the files written here are replaced."""
     out = Path(out)
     outdir.check_destination(out, force)
-    client = MlflowClient(tracking_uri)
+    client = runs.client_at(tracking_uri)
     run = _run(client, run_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, \
@@ -119,7 +119,7 @@ def promote(tracking_uri: str, run_id: str, name: str, alias: Optional[str] = No
     """Register the run's peft adapter as a new version of registered model `name`, tagged
     with the base model, method and benchmark; optionally point `alias` at it. Returns the
     version."""
-    client = MlflowClient(tracking_uri)
+    client = runs.client_at(tracking_uri)
     run = _run(client, run_id)
     if run.data.tags.get(names.METHOD_KIND) == "full":
         raise ExportError(f"run {run_id!r} is full fine-tuning: it has no adapter to register; "

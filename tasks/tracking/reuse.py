@@ -24,7 +24,7 @@ from mlflow.entities import Metric, Param, Run, RunTag
 
 from tasks.common import names
 from tasks.config.schema import BenchConfig
-from tasks.tracking import store
+from tasks.tracking import runs, store
 
 # The source `code_version` hashes: what changes the numbers a run computes or what a copy of it
 # carries. An edit anywhere else leaves every finished run reusable.
@@ -71,15 +71,13 @@ def code_version(root: Optional[Path] = None) -> str:
 
 def run_key(cfg: BenchConfig, method_name: str, split: str, data_digest: str,
             device: str) -> str:
-    from tasks.tracking.runs import versions
-
     method = next(m for m in cfg.methods if m.name == method_name)
     training = cfg.training.model_dump(mode="json", exclude={
         "seeds", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "keep_last"})
     body = {"model": cfg.model.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json"),
             "digest": data_digest, "method": method.model_dump(mode="json", exclude={"sweep"}),
             "training": training, "split": split, "code": code_version(),
-            "versions": versions(), "device": device}
+            "versions": runs.versions(), "device": device}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -94,9 +92,8 @@ def copy_run(client: MlflowClient, src: Run, parent_run_id: str, owner: str) -> 
     origin = src.data.tags.get(names.REUSED_FROM, src.info.run_id)
     tags = {k: v for k, v in src.data.tags.items()
             if not k.startswith("mlflow.") and k not in _NOT_COPIED_TAGS}
-    tags.update({names.PARENT: parent_run_id, names.REUSED_FROM: origin, names.OWNER: owner})
-    run = client.create_run(src.info.experiment_id, run_name=src.info.run_name, tags=tags)
-    rid = run.info.run_id
+    tags.update({names.PARENT: parent_run_id, names.REUSED_FROM: origin})
+    rid = runs.new_run(client, src.info.experiment_id, src.info.run_name, tags, owner=owner)
     params = [Param(k, v) for k, v in src.data.params.items()]
     for i in range(0, len(params), 100):
         client.log_batch(rid, params=params[i:i + 100])

@@ -39,7 +39,27 @@ MAX_PARAM = 6000  # MLflow's limit on a param value
 
 
 def client(tracking: TrackingConfig) -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking.tracking_uri)
+    return client_at(tracking.tracking_uri)
+
+
+def client_at(tracking_uri: str) -> MlflowClient:
+    """The one place a client is made: every read and write of the store starts here."""
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def new_run(c: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, str],
+            owner: Optional[str] = None) -> str:
+    """Every run peft-bench creates is created here (benchmark parents, (method, seed) children,
+    per-method aggregates, a sweep's method runs, reused copies), with the tags every run must
+    carry: its role (what reads it tells runs apart by role) and its owner (`peft_bench.owner`,
+    so a later start can tell whether the process holding a RUNNING run is gone). Values are
+    redacted: a tag may quote a config that holds a credential."""
+    if not tags.get(names.ROLE):
+        raise ValueError(f"a run needs a {names.ROLE} tag; got {sorted(tags)}")
+    tags = {**tags, names.OWNER: owner or owner_tag()}
+    run = c.create_run(experiment_id, run_name=run_name,
+                       tags={k: redact(str(v)) for k, v in tags.items()})
+    return run.info.run_id
 
 
 def experiment_id(tracking: TrackingConfig) -> str:
@@ -157,19 +177,15 @@ def log_history(run_id: str, tracking: TrackingConfig, key: str, values: list[fl
         c.log_batch(run_id, metrics=items[i:i + 1000])
 
 
-def create_run(cfg: BenchConfig, tags: dict[str, str], run_name: str,
-               params: dict[str, str]) -> str:
-    """A run owned by this process (`peft_bench.owner`), so a later start can tell whether it
-    was left RUNNING by a process that is gone."""
-
-    c = client(cfg.tracking)
-    tags = {**tags, names.OWNER: owner_tag()}
-    if digest := pinned_digest(cfg.model):  # the weights' SHA-256, checked before loading
-        tags[names.MODEL_SHA256] = digest
-    run = c.create_run(experiment_id(cfg.tracking), run_name=run_name,
-                       tags={k: redact(str(v)) for k, v in tags.items()})
-    log_params(run.info.run_id, cfg.tracking, params)
-    return run.info.run_id
+def open_run(cfg: BenchConfig, tags: dict[str, str], run_name: str,
+             params: dict[str, str]) -> str:
+    """A benchmark parent or a (method, seed) child in the config's experiment, with its params
+    and the weights' SHA-256 when the model is pinned (checked before loading)."""
+    if digest := pinned_digest(cfg.model):
+        tags = {**tags, names.MODEL_SHA256: digest}
+    run_id = new_run(client(cfg.tracking), experiment_id(cfg.tracking), run_name, tags)
+    log_params(run_id, cfg.tracking, params)
+    return run_id
 
 
 def fail_run(tracking: TrackingConfig, run_id: str, why: str) -> None:

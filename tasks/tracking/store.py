@@ -144,6 +144,13 @@ def children(client: MlflowClient, experiment_id: str, parent_run_id: str,
     return search(client, experiment_id, Query({names.PARENT: parent_run_id, **(tags or {})}, status))
 
 
+def children_of(client: MlflowClient, parent: Run) -> list[Run]:
+    """Every child of a benchmark's parent run (deleted ones left out), oldest first; runs
+    started in the same millisecond in run-id order, so every reader sees one order."""
+    runs = children(client, parent.info.experiment_id, parent.info.run_id)
+    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
 def aggregates(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Run]:
     """The per-method aggregate runs of one benchmark (also the parents of its grid points)."""
     return search(client, experiment_id, Query({names.BENCHMARK_RUN: parent_run_id,
