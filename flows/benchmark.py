@@ -22,10 +22,10 @@ from tasks.common import names, progress
 from tasks.common.secrets import redact
 from tasks.conclude import conclude_task
 from tasks.config.build import build_config, fingerprint, load_config, public_dump, revealed
-from tasks.config.preflight import check_heavy, check_light, resolve_device
 from tasks.config.schema import BenchConfig, ConfigError
 from tasks.data.dataset import DataSummary
 from tasks.models.source import local_path
+from tasks.preflight import check_heavy, check_light, resolve_device
 from tasks.prepare import prepare_dataset
 from tasks.report import generate_report_task
 from tasks.tracking import outage

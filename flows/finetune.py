@@ -26,11 +26,11 @@ from tasks.common.errors import describe
 from tasks.common.secrets import redact
 from tasks.config import sweep
 from tasks.config.build import public_dump, revealed
-from tasks.config.preflight import resolve_device
 from tasks.config.schema import BenchConfig, MethodConfig
 from tasks.data.labels import names_tag
 from tasks.evaluate import EvalResult, evaluate_task, plot_confusion, with_label_names
 from tasks.load import inject_adapter_task, load_model_task, saved_size_mb
+from tasks.preflight import resolve_device
 from tasks.prepare import PreparedData, prepare_dataset
 from tasks.tracking import runs as tracking
 from tasks.tracking.lifecycle import reopen

@@ -1,5 +1,7 @@
 """The pipeline's stages, one Prefect task module each, in the order a benchmark runs them:
 
+0. `preflight` every check that can run before anything expensive (no Prefect task: the CLI and
+               the benchmark flow call it before the stages)
 1. `prepare`   read, validate, tokenise and cache the dataset (`prepare_dataset`)
 2. `load`      load the base model, optionally 4-bit, and inject the adapter (`load_model_task`,
                `inject_adapter_task`)
@@ -8,8 +10,8 @@
 5. `conclude`  per-method aggregates over seeds, then the regression alarm (`conclude_task`)
 6. `report`    the report, read back from MLflow (`generate_report_task`)
 
-Their helpers live in sub-packages by concern: `config/` (the typed config, its files, the
-pre-flight checks), `data/` (reading, labels, batching), `models/` (where weights come from and
+Their helpers live in sub-packages by concern: `config/` (the typed config and its files),
+`data/` (reading, labels, batching), `models/` (where weights come from and
 whether a folder is sound), `training/` (checkpoints, memory, machine load), `tracking/` (the one
 MLflow layer), `analysis/` (statistics, aggregates, regression), `reporting/` (tables, charts,
 templates, exports) and `common/` (the names every writer and reader share, errors, secrets,

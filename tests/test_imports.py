@@ -143,3 +143,19 @@ def calls_outside_tracking(names: set[str]) -> list[str]:
 
 def test_only_the_tracking_layer_creates_runs_searches_them_or_makes_a_client():
     assert calls_outside_tracking({"create_run", "search_runs", "MlflowClient"}) == []
+
+
+def package_of(module: str) -> str:
+    """tasks.tracking.store -> tasks.tracking; tasks.train -> tasks.train (a stage is its own)."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 else module
+
+
+def test_the_sub_packages_form_a_layered_graph():
+    """Beyond modules: no two packages import each other, even through different modules
+    (config → tracking and tracking → config would make the house unwalkable again)."""
+    edges: dict[str, set[str]] = {}
+    for m, targets in graph().items():
+        edges.setdefault(package_of(m), set()).update(
+            package_of(t) for t in targets if package_of(t) != package_of(m))
+    assert cycles(edges) == []

@@ -18,7 +18,7 @@ import yaml
 from conftest import ROOT, make_bench_config
 from mlflow.tracking import MlflowClient
 
-from tasks.config import preflight
+from tasks import preflight
 from tasks.config.build import build_config
 from tasks.config.schema import ConfigError
 

@@ -114,7 +114,7 @@ def load(config_path: Optional[Path], overrides: list[str], methods: Optional[li
 
 def check_light(cfg: BenchConfig) -> None:
     """Step 2 above: the output folder, the model folder's files, the data."""
-    from tasks.config import preflight
+    from tasks import preflight
     from tasks.data.labels import DataError
 
     try:
@@ -125,8 +125,8 @@ def check_light(cfg: BenchConfig) -> None:
 
 def check(cfg: BenchConfig, log) -> None:
     """Steps 3-4 above; `check_light` (step 2) comes first."""
-    from tasks.config.preflight import check_heavy
     from tasks.data.labels import DataError
+    from tasks.preflight import check_heavy
 
     try:
         skipped = check_heavy(cfg)

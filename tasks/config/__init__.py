@@ -1,3 +1,3 @@
 """The one typed config (`schema`: pydantic), how it is read from YAML files, `--set`
-overrides, mlflow.yaml and the environment (`build`), sweep grids (`sweep`), and the checks run
-before anything expensive starts (`preflight`)."""
+overrides, mlflow.yaml and the environment (`build`), and sweep grids (`sweep`). It depends on
+nothing else in `tasks` but `common`: every other package reads it."""
