@@ -24,27 +24,42 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    name_or_path: str = "openai-community/gpt2"
-    revision: Optional[str] = None
-    dtype: DType = "float32"
-    trust_remote_code: bool = False
+    """The base model: a `...ForSequenceClassification` model of any family transformers knows."""
+
+    name_or_path: str = Field(
+        "openai-community/gpt2", description="hub model id, local folder, or package:NAME (a model "
+        "inside an installed Python package, its weights' SHA-256 pinned in tasks/models/source.py)")
+    revision: Optional[str] = Field(None, description="hub revision: branch, tag or commit")
+    dtype: DType = Field("float32", description="the dtype the float weights are loaded in")
+    trust_remote_code: bool = Field(
+        False, description="run Python code shipped with the model (off: transformers' own "
+                           "architectures only)")
 
 
 class DataConfig(_Strict):
+    """The rows: a hub dataset or a local folder of train/validation(/test) files (TSV, CSV, JSONL
+    or Parquet), checked and subset before any model loads."""
+
     source: str = Field("stanfordnlp/sst2", description="hub dataset id, or a local folder/file")
     hub_config: Optional[str] = Field(
         None, description="the hub dataset's configuration, e.g. 'mrpc' of nyu-mll/glue")
     text_column: Union[str, list[str]] = Field(
         "sentence", description="the text column, or two (a sentence pair: MRPC, QNLI, RTE, "
                                 "MNLI), tokenised as the tokenizer's pair encoding")
-    label_column: str = "label"
-    train_split: str = "train"
-    eval_split: str = "validation"
-    train_size: Optional[int] = Field(None, gt=0)
-    eval_size: Optional[int] = Field(None, gt=0)
+    label_column: str = Field(
+        "label", description="the label column: integer ids or class names, one kind in all splits")
+    train_split: str = Field(
+        "train", description="the split trained on (in a local folder: the file's name)")
+    eval_split: str = Field(
+        "validation", description="the split scored on (in a sweep: the selection split)")
+    train_size: Optional[int] = Field(
+        None, gt=0, description="training rows used (see subset); null: all of them")
+    eval_size: Optional[int] = Field(
+        None, gt=0, description="evaluation rows used (see subset); null: all of them")
     subset: Literal["random", "first"] = Field(
         "random", description="how train_size/eval_size pick rows: a seeded sample or the first")
-    max_length: int = Field(128, ge=2, le=8192)
+    max_length: int = Field(128, ge=2, le=8192,
+                            description="tokens per row; longer texts are truncated")
     num_labels: Optional[int] = Field(
         None, ge=2, description="number of classes; inferred from the training split if unset")
     label_names: Optional[list[str]] = Field(
@@ -58,7 +73,8 @@ class DataConfig(_Strict):
     test_from_train: Optional[float] = Field(
         None, gt=0, lt=0.5, description="carve a test split of this share from train (seeded, "
                                         "disjoint from the training rows)")
-    test_size: Optional[int] = Field(None, gt=0)
+    test_size: Optional[int] = Field(
+        None, gt=0, description="test rows used (see subset); null: all of them")
 
     @field_validator("text_column")
     @classmethod
@@ -83,20 +99,29 @@ class DataConfig(_Strict):
     @property
     def has_test(self) -> bool:
         return self.test_split is not None or self.test_from_train is not None
-    seed: int = 42
+    seed: int = Field(
+        42, description="seed of the row subsets and of test_from_train; not training.seed, so "
+                        "every training seed evaluates the same rows")
 
 
 class QuantConfig(_Strict):
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: DType = "float32"
+    """The 4-bit base of qlora/qdora (bitsandbytes `Linear4bit`); the adapter stays in float32."""
+
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type of the frozen base weights")
+    double_quant: bool = Field(
+        True, description="quantise the quantisation constants too (QLoRA's double quantisation)")
+    compute_dtype: DType = Field("float32", description="the dtype the 4-bit layers compute in")
 
 
 class MethodConfig(AdapterSpec):
     """One benchmarked method: an adapter spec plus what the pipeline needs around it."""
 
-    name: str = Field(..., min_length=1, pattern=r"^[\w.\-]+$")
-    quantization: Optional[QuantConfig] = None
+    name: str = Field(..., min_length=1, pattern=r"^[\w.\-]+$",
+                      description="the method's name in runs, tables and --methods")
+    quantization: Optional[QuantConfig] = Field(
+        None, description="the 4-bit base (qlora/qdora only; their default: NF4, double "
+                          "quantisation, float32 compute)")
     lr: Optional[float] = Field(None, gt=0, description="overrides training.lr for this method")
     sweep: Optional[dict[str, list[Any]]] = Field(
         None, description="this method's grid; its keys win over sweep.grid")
@@ -119,23 +144,32 @@ class MethodConfig(AdapterSpec):
 
 
 class TrainingConfig(_Strict):
-    epochs: float = Field(1.0, gt=0)
+    """One optimiser and schedule for every method (AdamW), how long, and what each run records."""
+
+    epochs: float = Field(1.0, gt=0, description="passes over the training rows (fractions allowed)")
     max_steps: Optional[int] = Field(None, gt=0, description="optimizer steps; wins over epochs")
-    batch_size: int = Field(16, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    lr: float = Field(2e-4, gt=0)
-    scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = Field(0.06, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: Optional[float] = Field(1.0, gt=0)
-    seed: int = 42
+    batch_size: int = Field(16, gt=0, description="rows per forward pass")
+    grad_accum: int = Field(
+        1, gt=0, description="forward passes per optimiser step (batch = batch_size × grad_accum)")
+    lr: float = Field(2e-4, gt=0, description="learning rate of every method without its own lr")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="learning-rate schedule after the warmup")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1,
+                                description="share of the optimiser steps warming the rate up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay, on matrices only")
+    max_grad_norm: Optional[float] = Field(
+        1.0, gt=0, description="clip the gradient norm to this; null: no clipping")
+    seed: int = Field(
+        42, description="seed of data order, adapter and head init, when seeds is unset")
     seeds: Optional[list[int]] = Field(
         None, min_length=1, description="repeat every method under each seed (wins over seed)")
     eval_every: Optional[int] = Field(None, gt=0, description="evaluate every N optimizer steps")
-    log_every: int = Field(1, gt=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = Field(1, gt=0, description="optimiser steps between logged train/loss and "
+                                                "train/lr values")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when available, else CPU; cuda without one is refused")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast on CUDA")
-    eval_batch_size: int = Field(64, gt=0)
+    eval_batch_size: int = Field(64, gt=0, description="rows per forward pass when scoring")
     num_threads: Optional[int] = Field(None, gt=0, description="torch CPU threads")
     group_by_length: bool = Field(
         False, description="batch rows of similar length (shuffled chunks, sorted within): "
@@ -170,11 +204,18 @@ class TrainingConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "peft-bench"
-    artifact_location: Optional[str] = None
-    system_metrics: bool = True
-    system_metrics_interval_s: float = Field(5.0, gt=0)
+    """Where runs are logged. mlflow.yaml supplies this section, a config's tracking: section wins
+    over it, and the environment (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME,
+    MLFLOW_ARTIFACT_LOCATION) wins over both."""
+
+    tracking_uri: str = Field("sqlite:///mlflow.db",
+                              description="MLflow tracking URI: a sqlite store, or a server's URL")
+    experiment: str = Field("peft-bench", description="MLflow experiment name")
+    artifact_location: Optional[str] = Field(
+        None, description="artifact root of a newly created experiment; null: the store's default")
+    system_metrics: bool = Field(True, description="log MLflow's system metrics on every run")
+    system_metrics_interval_s: float = Field(5.0, gt=0,
+                                             description="seconds between system-metric samples")
     log_weights: bool = Field(True, description="log adapter (or full) weights as artifacts")
 
 
@@ -187,7 +228,10 @@ class ConcurrencyConfig(_Strict):
 
 
 class ReportConfig(_Strict):
-    output_dir: Path = Path("reports")
+    """The benchmark's report, built from what MLflow holds."""
+
+    output_dir: Path = Field(Path("reports"), description="the report goes to "
+                             "<output_dir>/<parent run id>/, the run's log to <output_dir>/logs/")
     reference: Optional[str] = Field(
         None, description="method the others are compared with (default: the first method)")
 
@@ -199,7 +243,7 @@ class RegressionConfig(_Strict):
     max(floor, sigmas × noise), noise = √(s_hist² + se_new²): s_hist the std of the earlier
     runs' means, se_new the standard error of the new mean over its seeds."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="compare each benchmark with its history")
     window: int = Field(5, gt=0, description="earlier FINISHED runs compared with")
     sigmas: float = Field(3.0, ge=0, description="how many noise units a change must exceed")
     accuracy_drop: float = Field(0.01, ge=0, description="absolute accuracy floor (0.01 = 1 pt)")
@@ -213,22 +257,33 @@ class RegressionConfig(_Strict):
 
 
 class BenchConfig(_Strict):
+    """A benchmark: one model and data set, the methods compared, and how they train."""
+
     # Any printable text (quotes, spaces, accents): it is an MLflow tag and run name, a
     # Prefect flow-run name and a heading of the HTML report, never a file name. Control
     # characters and padding are refused: they would not survive all of those.
-    name: str = Field("benchmark", min_length=1, max_length=200)
+    name: str = Field(
+        "benchmark", min_length=1, max_length=200,
+        description="the benchmark's name, any printable text; the regression alarm compares "
+                    "runs of the same name and config")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    methods: list[MethodConfig] = Field(..., min_length=1)
+    methods: list[MethodConfig] = Field(
+        ..., min_length=1, description="the methods compared, in run order; the first is the "
+                                       "reference unless report.reference names another")
     training: TrainingConfig = TrainingConfig()
     tracking: TrackingConfig = TrackingConfig()
     report: ReportConfig = ReportConfig()
-    dispatch: Literal["local", "deployments"] = "local"
+    dispatch: Literal["local", "deployments"] = Field(
+        "local", description="local: every run in this process; deployments: each run a flow run "
+                             "of finetune_deployment on Prefect workers (docs/deploy.md)")
     finetune_deployment: str = Field("finetune/finetune",
                                      description="deployment the `deployments` dispatch runs")
     concurrency: ConcurrencyConfig = ConcurrencyConfig()
     regression: RegressionConfig = RegressionConfig()
-    sweep: Optional[SweepConfig] = None
+    sweep: Optional[SweepConfig] = Field(
+        None, description="a grid per method, each method then run at its best point "
+                          "(docs/sweeps.md); null: every method at its config values")
 
     @field_validator("name")
     @classmethod
