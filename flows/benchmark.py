@@ -8,6 +8,7 @@ the others continue from their last checkpoint in the same MLflow runs.
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from transformers import AutoConfig
 
 from flows.finetune import finetune, prefect_tags
+from flows.orchestration import artifacts
 from flows.orchestration.jobs import Job, States, final_jobs
 from flows.orchestration.sweeping import run_grid
 from tasks.common import names, progress
@@ -114,9 +116,11 @@ def resume_parent(cfg: BenchConfig, parent_run_id: str) -> str:
     return parent_run_id
 
 
-def run_local(cfg: BenchConfig, jobs: list[Job]) -> States:
+def run_local(cfg: BenchConfig, jobs: list[Job],
+              on_done: Optional[artifacts.OnDone] = None) -> States:
     """Each job as an in-process child flow run, one after another, in the jobs' order (for
-    final runs the method order rotates from one seed to the next)."""
+    final runs the method order rotates from one seed to the next); `on_done` hears of each
+    as it ends."""
     from prefect.settings import temporary_settings
 
     states, config = {}, public_dump(cfg)
@@ -127,6 +131,8 @@ def run_local(cfg: BenchConfig, jobs: list[Job]) -> States:
             run = finetune.with_options(flow_run_name=job.flow_run_name(cfg.name))
             state = run(**job.parameters(config), return_state=True)
             states[job] = state.type.value
+            if on_done is not None:
+                on_done(job, states[job])
             if not state.is_completed():
                 get_run_logger().error("%s failed: %s", job.key, state.message)
                 error = state.result(raise_on_failure=False)
@@ -142,16 +148,19 @@ def dispatcher(cfg: BenchConfig):
     return run_local
 
 
-def run_all(cfg: BenchConfig, parent: str) -> States:
-    """The sweep's grid (if any), then the final runs; the states of all."""
-    dispatch, chosen, states = dispatcher(cfg), None, {}
+def run_all(cfg: BenchConfig, parent: str, on_done: artifacts.OnDone) -> States:
+    """The sweep's grid (if any), then the final runs; the states of all, each told to
+    `on_done` as it ends."""
+    dispatch, chosen, states = partial(dispatcher(cfg), on_done=on_done), None, {}
     if cfg.sweep is not None:
         client = tracking.client(cfg.tracking)
         grid_states, chosen = run_grid(cfg, client, client.get_run(parent), dispatch)
         states.update(grid_states)
         for name, point in chosen.items():
             if point is None:  # no final runs to make: each counts as failed
-                states.update({Job(name, s, parent): "FAILED" for s in cfg.training.run_seeds})
+                for job in (Job(name, s, parent) for s in cfg.training.run_seeds):
+                    states[job] = "FAILED"
+                    on_done(job, "FAILED")
     states.update(dispatch(cfg, final_jobs(cfg, parent, chosen)))
     return states
 
@@ -216,15 +225,17 @@ def benchmark(config_path: Optional[str] = None, overrides: Optional[list[str]] 
     if cfg.dispatch == "local":
         progress.start_overall(planned_total_steps(cfg, summary.train_rows),
                                len(cfg.grid_jobs()) + len(cfg.runs()))
+    runs_progress = artifacts.Progress.start(cfg.name, len(cfg.grid_jobs()) + len(cfg.runs()))
     with tracking.closing_run(cfg.tracking, parent):
         tracking.log_config(parent, cfg)
         ensure_gpu_limit(cfg)
-        states = run_all(cfg, parent)
+        states = run_all(cfg, parent, runs_progress.finished)
         finals = {job: s for job, s in states.items() if job.is_final}
         tags = failed_tags(finals)
         tracking.set_tags(parent, cfg.tracking, tags)
         all_failed = bool(finals) and all(s != "COMPLETED" for s in finals.values())
         check = conclude_task(cfg, parent)
+        artifacts.publish_results(cfg.name, cfg.tracking, parent)
         progress.close_overall()
         report = generate_report_task(parent, cfg.tracking.tracking_uri, Path(cfg.report.output_dir))
         if all_failed:  # the parent is FAILED too, after the report says why

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Callable, Optional
 from uuid import UUID
 
 from prefect import get_run_logger
@@ -123,10 +123,12 @@ def check_deployment(cfg: BenchConfig) -> None:
 
 
 def wait_all(flow_run_ids: dict[str, UUID], stale_after: Optional[float] | str = "auto",
-             logger: logging.Logger | logging.LoggerAdapter | None = None) -> dict[str, FlowRun]:
+             logger: logging.Logger | logging.LoggerAdapter | None = None,
+             on_final: Optional[Callable[[str, FlowRun], None]] = None) -> dict[str, FlowRun]:
     """Poll until every flow run is in a final state; returns name -> FlowRun. A run that
     stops sending heartbeats is marked CRASHED after `stale_after` seconds (default:
-    `stale_after_s()`; None: never)."""
+    `stale_after_s()`; None: never). `on_final(name, run)` is called once per run, as soon as
+    it is seen final (the runs go on in parallel: a progress bar moves while others train)."""
     stale_after = stale_after_s() if stale_after == "auto" else stale_after
     logger = logger or get_logger(__name__)
     pending, done = dict(flow_run_ids), {}
@@ -137,6 +139,8 @@ def wait_all(flow_run_ids: dict[str, UUID], stale_after: Optional[float] | str =
                 if run.state is not None and run.state.is_final():
                     done[name] = run
                     del pending[name]
+                    if on_final is not None:
+                        on_final(name, run)
                 else:  # a run marked CRASHED here is read back as such on the next round
                     crash_if_stale(client, run, stale_after, logger)
             if pending:
@@ -144,9 +148,10 @@ def wait_all(flow_run_ids: dict[str, UUID], stale_after: Optional[float] | str =
     return done
 
 
-def run_deployments(cfg: BenchConfig, jobs: list[Job]) -> States:
+def run_deployments(cfg: BenchConfig, jobs: list[Job],
+                    on_done: Optional[Callable[[Job, str], None]] = None) -> States:
     """Start one finetune flow run per job, all at once (in the jobs' order), wait for all,
-    return their states."""
+    return their states; `on_done` hears of each as it ends."""
     logger = get_run_logger()
     config = public_dump(cfg)  # parameters are stored by Prefect: no credentials
     started = {}
@@ -157,7 +162,12 @@ def run_deployments(cfg: BenchConfig, jobs: list[Job]) -> States:
         logger.info("%s: flow run %s", job.key, run.id)
         started[job.key] = run.id
     by_key, states = {job.key: job for job in jobs}, {}
-    for key, run in wait_all(started, logger=logger).items():
+
+    def ended(key: str, run: FlowRun) -> None:
+        if on_done is not None:
+            on_done(by_key[key], run.state.type.value)
+
+    for key, run in wait_all(started, logger=logger, on_final=ended).items():
         states[by_key[key]] = run.state.type.value
         if not run.state.is_completed():
             # A killed worker cannot close its MLflow run; the parent, still alive, does.
