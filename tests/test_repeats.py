@@ -31,6 +31,10 @@ AGGREGATED = {"accuracy": "eval/accuracy", "f1_macro": "eval/f1_macro", "eval_lo
               "train_time_s": "train_time_s", "step_time_median_s": "step_time_median_s",
               "samples_per_s": "samples_per_s", "tokens_per_s": "tokens_per_s",
               "peak_memory_mb": "peak_memory_mb"}
+# Positive quantities, summarised on the log scale: geometric mean, std of the logs, exp of the
+# t-interval of the logs (a seed that measured 0, a CPU peak of 0 MB, leaves them linear).
+LOG_SCALE = {"train_time_s", "step_time_median_s", "samples_per_s", "tokens_per_s",
+             "peak_memory_mb"}
 
 
 def _config(tmp, tiny_model_dir, sst2_dir, **training) -> dict:
@@ -118,14 +122,24 @@ def test_aggregate_runs_hold_the_mean_and_interval_of_the_children(runs):
         assert m["n_seeds"] == 2
         mine = [client.get_run(k.info.run_id).data.metrics for k in kids
                 if k.data.tags["peft_bench.method"] == method]
+        geometric = set(agg.data.tags["peft_bench.geometric_means"].split(",")) - {""}
         for key, metric in AGGREGATED.items():
             values = np.array([x[metric] for x in mine])
-            assert m[f"{key}_mean"] == pytest.approx(values.mean(), rel=1e-12), (method, key)
-            assert m[f"{key}_std"] == pytest.approx(values.std(ddof=1), rel=1e-9, abs=1e-15)
-            if values.std() > 0:
-                low, high = st.t.interval(0.95, 1, loc=values.mean(), scale=st.sem(values))
-                if key in ("accuracy", "f1_macro"):
+            log = key in LOG_SCALE and bool((values > 0).all())
+            assert (key in geometric) == log, (method, key)
+            spread = np.log(values) if log else values  # the scale the interval is taken on
+            mean = st.gmean(values) if log else values.mean()
+            assert m[f"{key}_mean"] == pytest.approx(mean, rel=1e-12), (method, key)
+            assert m[f"{key}_std"] == pytest.approx(spread.std(ddof=1), rel=1e-9, abs=1e-15)
+            if spread.std() > 0:
+                low, high = st.t.interval(0.95, 1, loc=spread.mean(), scale=st.sem(spread))
+                if log:
+                    low, high = np.exp(low), np.exp(high)
+                    assert low > 0, (method, key)
+                elif key in ("accuracy", "f1_macro"):
                     low, high = max(0.0, low), min(1.0, high)
+                elif key in LOG_SCALE or key == "eval_loss":  # never negative
+                    low = max(0.0, low)
                 assert m[f"{key}_ci_low"] == pytest.approx(low, rel=1e-9), (method, key)
                 assert m[f"{key}_ci_high"] == pytest.approx(high, rel=1e-9), (method, key)
     # The paired comparison with the reference (full) sits on lora's aggregate run.

@@ -45,6 +45,9 @@ METRIC_OF = {"accuracy": "eval/accuracy", "f1_macro": "eval/f1_macro", "eval_los
              "samples_per_s": "samples_per_s", "tokens_per_s": "tokens_per_s",
              "peak_memory_mb": "peak_memory_mb", "trainable_params": "trainable_params",
              "model_size_mb": "model_size_mb", "adapter_size_mb": "adapter_size_mb"}
+# Summarised on the log scale: geometric mean, exp of the t-interval of the logs.
+LOG_SCALE = {"train_time_s", "step_time_median_s", "samples_per_s", "tokens_per_s",
+             "peak_memory_mb"}
 
 
 def predictions(method: str, seed: int) -> np.ndarray:
@@ -155,6 +158,10 @@ def _t_ci(values, lo=-math.inf, hi=math.inf):
     return [max(lo, low), min(hi, high)]
 
 
+def _log_ci(values):
+    return [math.exp(b) for b in _t_ci(np.log(values))]
+
+
 def test_files_exist(bench):
     _, parent, root, result = bench
     assert result.dir == root / "reports" / parent
@@ -179,12 +186,13 @@ def test_summary_equals_mlflow(bench):
             if values[0] is None:
                 assert row[key] is None, (method, key)
                 continue
-            assert row[key] == pytest.approx(np.mean(values), rel=1e-12), (method, key)
+            mean = st.gmean(values) if key in LOG_SCALE else np.mean(values)
+            assert row[key] == pytest.approx(mean, rel=1e-12), (method, key)
         accs = [m["eval/accuracy"] for _, m in seeds.values()]
         assert row["accuracy_ci"] == pytest.approx(_t_ci(accs, 0, 1), rel=1e-9)
         assert row["accuracy_std"] == pytest.approx(np.std(accs, ddof=1), rel=1e-9)
         times = [m["train_time_s"] for _, m in seeds.values()]
-        assert row["train_time_s_ci"] == pytest.approx(_t_ci(times), rel=1e-9)
+        assert row["train_time_s_ci"] == pytest.approx(_log_ci(times), rel=1e-9)
 
 
 def test_table_shows_mean_and_interval(bench):
@@ -194,8 +202,18 @@ def test_table_shows_mean_and_interval(bench):
     half = (_t_ci(accs, 0, 1)[1] - _t_ci(accs, 0, 1)[0]) / 2
     row = next(line for line in md.splitlines() if line.startswith("| lora-r8"))
     assert f"{np.mean(accs):.4f} ± {half:.4f}" in row and "| 3/3 |" in row
-    full_t, lora_t = np.mean(METHODS["full"][2]), np.mean(METHODS["lora-r8"][2])
+    full_t, lora_t = st.gmean(METHODS["full"][2]), st.gmean(METHODS["lora-r8"][2])
     assert f"{100 * lora_t / full_t:.0f}%" in row
+    # Time and memory: geometric mean [95% interval on the log scale], the column marked †.
+    low, high = _log_ci(METHODS["lora-r8"][2])
+    assert f"| {lora_t:,.1f} [{low:,.1f}, {high:,.1f}] |" in row
+    mem = METHODS["lora-r8"][3]
+    low, high = _log_ci(mem)
+    assert f"| {st.gmean(mem):,.0f} [{low:,.0f}, {high:,.0f}] |" in row
+    header = next(line for line in md.splitlines() if line.startswith("| Method |"))
+    assert "| Accuracy |" in header and "| Train time (s) † |" in header
+    assert "| Peak mem (MB) † |" in header and "| % of ref time |" in header
+    assert "† = on the log scale: the geometric mean" in md
     assert "two seeds multiply" in md  # the limits of few seeds are said
 
 

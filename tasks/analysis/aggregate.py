@@ -9,6 +9,11 @@ Where the aggregates live: one *aggregate run* per method, at the top level of t
 parent row is expanded, and its chart view draws one bar per visible run: top-level runs with
 the same metric names make `accuracy_mean` a per-method bar chart on first load, and two
 nightly benchmarks' aggregate runs compare side by side in the same chart.
+
+Scales: times, memory and throughput (`names.LOG_SCALE`) are summarised on the log scale
+(geometric mean, interval exp(t-interval of ln x), never ≤ 0), accuracies and loss on the
+linear scale, clipped to what they can be. Each Interval says its scale; each aggregate run
+lists its geometric means in the `names.GEOMETRIC_MEANS` tag.
 """
 from __future__ import annotations
 
@@ -25,8 +30,10 @@ from mlflow.entities import Metric, Run, RunTag
 from mlflow.utils.time import get_current_time_millis
 
 from tasks.analysis.stats import (
+    LOG,
     Interval,
     McNemar,
+    log_interval,
     mcnemar_exact,
     paired_difference,
     ratio_interval,
@@ -181,19 +188,44 @@ def _latest_per_seed(runs: list[SeedRun], notes: list[str]) -> list[SeedRun]:
     return [rs[-1] for _, rs in sorted(by_seed.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))]
 
 
-# Shares of the evaluation rows: their intervals are clipped to [0, 1].
-UNIT_KEYS = (names.ACCURACY, names.F1_MACRO, names.PRECISION, names.RECALL)
+# Shares (of the evaluation rows, of the machine): their intervals are clipped to [0, 1]; a
+# loss is never negative. Times, memory and throughput are on the log scale instead.
+UNIT_KEYS = (names.ACCURACY, names.F1_MACRO, names.PRECISION, names.RECALL,
+             names.OTHER_CPU_SHARE)
+NON_NEGATIVE_KEYS = (names.FINAL_LOSS,)
+
+
+def over_seeds(key: str, values: list[float]) -> Optional[Interval]:
+    """The one summary over seeds of a summary key, on the scale that key lives on."""
+    if key in names.LOG_SCALE:
+        return log_interval(values)
+    bounds = ((0.0, 1.0) if key in UNIT_KEYS else
+              (0.0, math.inf) if key in NON_NEGATIVE_KEYS else (-math.inf, math.inf))
+    return t_interval(values, bounds=bounds)
 
 
 def aggregate_method(method: str, runs: list[SeedRun]) -> MethodAggregate:
     agg = MethodAggregate(method, runs[0].kind, runs)
     for key in names.CHILD_METRICS:
-        bounds = (0.0, 1.0) if key in UNIT_KEYS else (-math.inf, math.inf)
-        iv = t_interval([r.metrics[key] for r in agg.finished if r.metrics[key] is not None],
-                        bounds=bounds)
+        iv = over_seeds(key, [r.metrics[key] for r in agg.finished if r.metrics[key] is not None])
         if iv is not None:
             agg.stats[key] = iv
     return agg
+
+
+def method_aggregates(parent: Run, children: list[Run],
+                      notes: list[str]) -> dict[str, MethodAggregate]:
+    """Per method (config order), its latest run per seed and their statistics, from the
+    parent's child runs as MLflow holds them (`store.children_of`)."""
+    runs = [seed_run(r) for r in children]
+    return {name: aggregate_method(name, _latest_per_seed([r for r in runs if r.method == name],
+                                                          notes))
+            for name in _method_order(parent, runs)}
+
+
+def geometric_keys(agg: MethodAggregate) -> list[str]:
+    """The aggregated keys whose mean is geometric (a key with a 0 among its seeds is not)."""
+    return [k for k in names.AGGREGATED if k in agg.stats and agg.stats[k].scale == LOG]
 
 
 # ---------------------------------------------------------------- paired comparison
@@ -265,11 +297,7 @@ def summarize(client: MlflowClient, parent: Run) -> Summary:
     for a sweep, the grid runs under the methods' runs)."""
     notes: list[str] = []
     children = store.children_of(client, parent)
-    runs = [seed_run(r) for r in children]
-    methods = {}
-    for name in _method_order(parent, runs):
-        mine = _latest_per_seed([r for r in runs if r.method == name], notes)
-        methods[name] = aggregate_method(name, mine)
+    methods = method_aggregates(parent, children, notes)
     wanted = parent.data.tags.get(names.REFERENCE)
     reference = wanted if wanted in methods else next(iter(methods), None)
     comparisons = []
@@ -319,10 +347,14 @@ def method_note(agg: MethodAggregate, comparison: Optional[Comparison], bench: s
         iv = agg.stats.get(key)
         if iv is None:
             return "—"
-        return fmt.format(iv.mean) + (f" ± {fmt.format((iv.high - iv.low) / 2)}"
-                                      if iv.has_interval else "")
-    lines = [f"**{agg.method}** ({agg.kind}) in benchmark `{bench}`: mean ± 95% CI over "
-             f"{len(agg.finished)} of {len(agg.runs)} seeds.", "",
+        if not iv.has_interval:
+            return fmt.format(iv.mean)
+        if iv.scale == LOG:  # not symmetric about the mean: both bounds
+            return f"{fmt.format(iv.mean)} [{fmt.format(iv.low)}, {fmt.format(iv.high)}]"
+        return f"{fmt.format(iv.mean)} ± {fmt.format((iv.high - iv.low) / 2)}"
+    lines = [f"**{agg.method}** ({agg.kind}) in benchmark `{bench}`, over "
+             f"{len(agg.finished)} of {len(agg.runs)} seeds: accuracy mean ± 95% CI; train time "
+             "and peak memory geometric mean [95% CI on the log scale].", "",
              "| accuracy | train s | peak MB |", "|---:|---:|---:|",
              f"| {cell(names.ACCURACY, '{:.4f}')} | {cell(names.TRAIN_TIME, '{:.1f}')} | "
              f"{cell(names.PEAK_MEMORY, '{:.0f}')} |"]
@@ -346,7 +378,8 @@ def log_aggregates(client: MlflowClient, summary: Summary) -> dict[str, str]:
         tags = {names.ROLE: names.ROLE_AGGREGATE, names.METHOD: name, names.METHOD_KIND: agg.kind,
                 names.BENCHMARK: bench, names.BENCHMARK_RUN: parent.info.run_id,
                 names.REFERENCE: summary.reference or "",
-                names.CONFIG_HASH: parent.data.tags.get(names.CONFIG_HASH, "")}
+                names.CONFIG_HASH: parent.data.tags.get(names.CONFIG_HASH, ""),
+                names.GEOMETRIC_MEANS: ",".join(geometric_keys(agg))}
         if agg.failures:
             tags[names.ERROR] = "; ".join(f"seed {r.seed}: {r.error}" for r in agg.failures)[:5000]
         tags[names.RUN_NOTE] = method_note(agg, by_method.get(name), bench)

@@ -11,6 +11,15 @@ For each method and metric (accuracy: a drop is bad; train time and peak memory:
                                              and time_floor_s / memory_floor_mb (absolute)
     flagged   when the new mean is worse than the baseline by more than the tolerance.
 
+Train time and peak memory are geometric means (tasks/analysis/stats.py `log_interval`), so
+they are compared on the log scale, like with like: the baseline is the geometric mean of the
+earlier geometric means, s_hist and se_new are stds of logarithms, sigmas × noise is a log
+distance, and the floors become ln(1 + rise) and ln(1 + floor / baseline); the flag's
+tolerance is given back in seconds or MB. An earlier benchmark whose aggregate runs predate
+geometric means (no `names.GEOMETRIC_MEANS` tag: their `_mean` is arithmetic) has its means
+recomputed from its own child runs, as a new benchmark's would be; one whose child runs are
+gone is compared on accuracy only, with a note.
+
 The floors keep a quiet history (identical numbers, noise 0) from flagging jitter; `sigmas`
 keeps a noisy one from flagging noise. Timings that other processes disturbed (the run's
 contamination tag) are not compared: the flag would be about the machine, not the code.
@@ -26,7 +35,8 @@ from typing import Optional
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from tasks.analysis.aggregate import Summary
+from tasks.analysis.aggregate import Summary, method_aggregates
+from tasks.analysis.stats import LOG, Interval
 from tasks.common import names
 from tasks.config.schema import RegressionConfig
 from tasks.tracking import store
@@ -101,16 +111,38 @@ def history(client: MlflowClient, parent: Run, window: int) -> list[Run]:
     return earlier[:window]
 
 
-def aggregate_means(client: MlflowClient, parent: Run) -> dict[str, dict[str, float]]:
-    """method -> summary key -> mean, from the aggregate runs of one benchmark."""
-    out = {}
+def aggregate_means(client: MlflowClient, parent: Run,
+                    notes: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
+    """method -> summary key -> mean, from the aggregate runs of one benchmark; the means of
+    aggregate runs written before geometric means are recomputed from the child runs."""
+    out, stale = {}, False
     for run in store.aggregates(client, parent.info.experiment_id, parent.info.run_id):
         if run.info.status != "FINISHED":
             continue
         m = run.data.metrics
         out[run.data.tags.get(names.METHOD, "?")] = {
             key: m[names.agg(key, "mean")] for key in CHECKED if names.agg(key, "mean") in m}
+        stale |= names.GEOMETRIC_MEANS not in run.data.tags
+    if stale:
+        _recompute(client, parent, out, notes if notes is not None else [])
     return out
+
+
+def _recompute(client: MlflowClient, parent: Run, means: dict[str, dict[str, float]],
+               notes: list[str]) -> None:
+    """Replace arithmetic means of log-scale keys by what the child runs give today."""
+    methods = method_aggregates(parent, store.children_of(client, parent), [])
+    rid = parent.info.run_id
+    for name, keys in means.items():
+        stats = methods[name].stats if name in methods else {}
+        for key in [k for k in keys if k in names.LOG_SCALE]:
+            if key in stats:
+                keys[key] = stats[key].mean
+            else:
+                del keys[key]
+    notes.append(f"Earlier run {rid} stored arithmetic means of train time and peak memory; "
+                 "they were recomputed as geometric means from its child runs (a method "
+                 "without finished child runs is compared on accuracy only).")
 
 
 # ---------------------------------------------------------------- the comparison
@@ -119,9 +151,37 @@ def _stdev(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
+def _linear(olds: list[float], iv: Interval, floor_field: str,
+            cfg: RegressionConfig) -> tuple[float, float]:
+    """(baseline, tolerance) of arithmetic means, in the metric's own unit."""
+    baseline = sum(olds) / len(olds)
+    se_new = iv.std / math.sqrt(iv.n) if iv.std is not None else 0.0
+    noise = math.sqrt(_stdev(olds) ** 2 + se_new ** 2)
+    floor = getattr(cfg, floor_field) * (abs(baseline) if floor_field in RELATIVE else 1)
+    if floor_field in ABSOLUTE:
+        floor = max(floor, getattr(cfg, ABSOLUTE[floor_field]))
+    return baseline, max(floor, cfg.sigmas * noise)
+
+
+def _logarithmic(olds: list[float], iv: Interval, floor_field: str,
+                 cfg: RegressionConfig) -> tuple[float, float]:
+    """(baseline, tolerance) of geometric means (a rise is bad): the rule on ln(mean), the
+    tolerance given back in the metric's unit, as a rise above the baseline."""
+    logs = [math.log(v) for v in olds]
+    # exp(ln x) can be x one rounding off: an identical history's baseline is x itself.
+    baseline = olds[0] if len(set(olds)) == 1 else math.exp(sum(logs) / len(logs))
+    se_new = iv.std / math.sqrt(iv.n) if iv.std is not None else 0.0  # iv.std: of ln values
+    noise = math.sqrt(_stdev(logs) ** 2 + se_new ** 2)
+    floor = math.log1p(getattr(cfg, floor_field))
+    if floor_field in ABSOLUTE:
+        floor = max(floor, math.log1p(getattr(cfg, ABSOLUTE[floor_field]) / baseline))
+    return baseline, baseline * math.expm1(max(floor, cfg.sigmas * noise))
+
+
 def detect(summary: Summary, past: dict[str, dict[str, dict[str, float]]],
            cfg: RegressionConfig) -> Check:
-    """`past`: earlier parent run id -> method -> key -> mean (newest first)."""
+    """`past`: earlier parent run id -> method -> key -> mean (newest first), each mean on the
+    scale the current code computes it on (`aggregate_means`)."""
     check = Check(baselines=list(past))
     if not past:
         return check  # no baselines: the report says there was nothing to compare with
@@ -136,13 +196,11 @@ def detect(summary: Summary, past: dict[str, dict[str, dict[str, float]]],
                 check.notes.append(f"{name}: train time not compared, its timing was "
                                    f"contaminated ({agg.timing_warnings[0]}).")
                 continue
-            baseline = sum(v for _, v in olds) / len(olds)
-            se_new = iv.std / math.sqrt(iv.n) if iv.std is not None else 0.0
-            noise = math.sqrt(_stdev([v for _, v in olds]) ** 2 + se_new ** 2)
-            floor = getattr(cfg, floor_field) * (abs(baseline) if floor_field in RELATIVE else 1)
-            if floor_field in ABSOLUTE:
-                floor = max(floor, getattr(cfg, ABSOLUTE[floor_field]))
-            tolerance = max(floor, cfg.sigmas * noise)
+            values = [v for _, v in olds]
+            # A 0 MB peak has no logarithm: that method's means were arithmetic, then and now.
+            geometric = iv.scale == LOG and all(v > 0 for v in values)
+            rule = _logarithmic if geometric else _linear
+            baseline, tolerance = rule(values, iv, floor_field, cfg)
             if direction * (iv.mean - baseline) > tolerance:
                 check.flags.append(Flag(name, key, baseline, iv.mean, tolerance,
                                         [r for r, _ in olds]))
@@ -151,9 +209,11 @@ def detect(summary: Summary, past: dict[str, dict[str, dict[str, float]]],
 
 def check_against(client: MlflowClient, summary: Summary, baselines: list[Run],
                   cfg: RegressionConfig) -> Check:
-    past = {run.info.run_id: aggregate_means(client, run) for run in baselines}
+    notes: list[str] = []
+    past = {run.info.run_id: aggregate_means(client, run, notes) for run in baselines}
     empty = [r for r, means in past.items() if not means]
     check = detect(summary, {r: m for r, m in past.items() if m}, cfg)
+    check.notes += notes
     if empty:
         check.notes.append(f"Earlier run(s) without aggregate runs were skipped: {empty}.")
     return check

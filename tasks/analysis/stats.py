@@ -2,13 +2,17 @@
 
 - `t_interval`: mean, sample std (ddof=1) and the 95% Student-t interval over seeds,
   mean ± t(0.975, n−1) · s/√n. One seed gives no interval (not a zero-width one).
+- `log_interval`: the same on the log scale, for quantities that cannot be negative (times,
+  memory, throughput): geometric mean exp(mean ln x), std of ln x, and exp of the t-interval of
+  ln x, which never reaches 0. A symmetric interval over two seeds is 12.7 standard errors
+  wide and drew a training time down to −1.5 s.
 - `mcnemar_exact`: McNemar's exact test on paired per-example predictions. Only discordant
   examples count: b = reference right and method wrong, c = the other way round; under
   H0 b ~ Binomial(b + c, ½), two-sided p = min(1, 2·P(X ≤ min(b, c))).
 - `paired_difference`: the t-interval of per-seed differences (method − reference): the seeds
   are paired, since both methods trained on the same data order and evaluated the same rows.
-- `ratio_interval`: per-seed ratios method/reference summarised on the log scale (a ratio's
-  natural scale): geometric mean exp(mean log r) with exp of the t-interval of log r.
+- `ratio_interval`: per-seed ratios method/reference through `log_interval` (a ratio's natural
+  scale is the log scale).
 - `better_beyond_noise`: interval dominance for the Pareto star.
 
 Few seeds give wide intervals (t(0.975, 1) = 12.7 for two seeds): the report says so.
@@ -22,15 +26,20 @@ from typing import Optional, Sequence
 from scipy import stats as _st
 
 CONFIDENCE = 0.95
+LINEAR, LOG = "linear", "log"
 
 
 @dataclass(frozen=True)
 class Interval:
+    """On the `LINEAR` scale: arithmetic mean, std of the values and mean ± half-width. On the
+    `LOG` scale: geometric mean, std of ln(values) (≈ the relative spread: 0.05 ≈ 5%) and
+    bounds exp(mean ln ± half-width), not symmetric about the mean."""
     mean: float
     std: Optional[float]   # None for one value
     low: Optional[float]   # None when there is no interval (n < 2)
     high: Optional[float]
     n: int
+    scale: str = LINEAR
 
     @property
     def has_interval(self) -> bool:
@@ -87,13 +96,25 @@ def paired_difference(ref: Sequence[float], other: Sequence[float]) -> Optional[
     return t_interval([o - r for r, o in zip(ref, other)], bounds=(-1.0, 1.0))
 
 
-def ratio_interval(ref: Sequence[float], other: Sequence[float]) -> Optional[Interval]:
-    """Geometric-mean ratio other/ref with a t-interval on log ratios (std is on the log scale)."""
-    logs = [math.log(o / r) for r, o in zip(ref, other) if r and o and r > 0 and o > 0]
-    iv = t_interval(logs)
+def log_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Optional[Interval]:
+    """Geometric mean with exp of the Student-t interval of ln(values); None for no values.
+    A value ≤ 0 has no logarithm (a CPU peak of 0 MB: the method grew nothing beyond what the
+    process already held): then the arithmetic t-interval, clipped at 0, on the linear scale,
+    which `scale` says, rather than a value dropped."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if any(x <= 0 for x in xs):
+        return t_interval(xs, confidence, bounds=(0.0, math.inf))
+    if len(xs) == 1:  # exactly the value, not exp(ln x) one rounding away from it
+        return Interval(xs[0], None, None, None, 1, LOG)
+    iv = t_interval([math.log(x) for x in xs], confidence)
     if iv is None:
         return None
-    return Interval(math.exp(iv.mean), iv.std, _exp(iv.low), _exp(iv.high), iv.n)
+    return Interval(math.exp(iv.mean), iv.std, _exp(iv.low), _exp(iv.high), iv.n, LOG)
+
+
+def ratio_interval(ref: Sequence[float], other: Sequence[float]) -> Optional[Interval]:
+    """Geometric-mean ratio other/ref with a t-interval on log ratios (std is on the log scale)."""
+    return log_interval([o / r for r, o in zip(ref, other) if r and o and r > 0 and o > 0])
 
 
 def _exp(v: Optional[float]) -> Optional[float]:

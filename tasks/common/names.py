@@ -96,6 +96,13 @@ AGGREGATED = (ACCURACY, F1_MACRO, FINAL_LOSS, TRAIN_TIME, STEP_TIME_MEDIAN, SAMP
               TOKENS_PER_S, PEAK_MEMORY)
 STATS = ("mean", "std", "ci_low", "ci_high")
 N_SEEDS = "n_seeds"
+# Summary keys that cannot be negative and are summarised on the log scale
+# (tasks/analysis/stats.py `log_interval`): `_mean` is the geometric mean, `_std` the std of
+# ln(value), `_ci_low`/`_ci_high` exp of the t-interval of ln(value), never ≤ 0. Accuracy, F1
+# and loss stay linear. Written by tasks/analysis/aggregate.py; read by the report's tables
+# and charts and the regression alarm.
+LOG_SCALE = (TRAIN_TIME, STEP_TIME_MEDIAN, EVAL_TIME, SAMPLES_PER_S, TOKENS_PER_S,
+             EVAL_SAMPLES_PER_S, PEAK_MEMORY)
 
 
 def agg(key: str, stat: str) -> str:
@@ -139,6 +146,10 @@ METHODS = "peft_bench.methods"           # on the parent: the config's method na
 SEED = "peft_bench.seed"
 SEED_INDEX = "peft_bench.seed_index"     # position of the seed in training.seeds
 REFERENCE = "peft_bench.reference"
+# On aggregate runs: the summary keys whose `_mean` is a geometric mean, comma-separated.
+# Aggregate runs written before geometric means lack it; the regression alarm then recomputes
+# that benchmark's means from its child runs (tasks/analysis/regression.py).
+GEOMETRIC_MEANS = "peft_bench.geometric_means"
 ERROR = "peft_bench.error"
 RANDOM_INIT = "peft_bench.random_init"
 MODEL_SHA256 = "peft_bench.model_sha256"  # a packaged model's pinned weights digest
@@ -204,13 +215,6 @@ PREFECT_REGRESSION_KEY = "peft-bench-regressions"
 REGRESSION_EVENT = "peft-bench.regression.detected"
 PROGRESS_LOGGER = "peft_bench.progress"  # our progress lines, the console's only source
 LOG_ARTIFACTS = "logs"                   # the run's full log, on the parent run
-
-# ------------------------------------------------------------------ Prefect artifacts per benchmark
-# flows/orchestration/artifacts.py writes a benchmark's results table and its progress bar under
-# these prefixes + the benchmark name's slug + a short hash of the name (`artifact_key`), so
-# Prefect's Artifacts page shows one history per benchmark across nightly runs.
-PREFECT_RESULTS_PREFIX = "peft-bench-results-"
-PREFECT_PROGRESS_PREFIX = "peft-bench-progress-"
 
 # ------------------------------------------------------------------ labels (tasks/data/labels.py)
 LABEL_NAMES = "peft_bench.label_names"   # on child runs with class names: JSON list, by id

@@ -27,7 +27,8 @@ def _ms(v: float) -> str:
     return f"{1000 * v:,.1f}"
 
 
-# (summary key, header, format, shown with ± its 95% interval half-width)
+# (summary key, header, format, shown with its 95% interval: ± its half-width on the linear
+# scale, [low, high] for the log-scale keys, whose interval is not symmetric about the mean)
 COLUMNS = [
     (names.ACCURACY, "Accuracy", "{:.4f}", True), (names.F1_MACRO, "F1 (macro)", "{:.4f}", True),
     (names.FINAL_LOSS, "Eval loss", "{:.4f}", True),
@@ -45,6 +46,12 @@ COLUMNS = [
 TIMING = {names.TRAIN_TIME, names.PCT_OF_REF_TIME, names.STEP_TIME_MEDIAN, names.SAMPLES_PER_S,
           names.TOKENS_PER_S}
 WARN = "⚠"
+LOG_MARK = "†"  # on the header of a column whose mean and interval are on the log scale
+
+
+def heads() -> list[str]:
+    return [f"{h} {LOG_MARK}" if ci and key in names.LOG_SCALE else h
+            for key, h, _, ci in COLUMNS]
 
 
 def _fmt(value, fmt) -> str:
@@ -57,7 +64,9 @@ def _cell(row: dict, key: str, fmt, with_ci: bool) -> str:
         return "—"
     text = _fmt(value, fmt)
     ci = row.get(names.row_ci(key)) if with_ci else None
-    if ci:  # a t-interval is symmetric about the mean: mean ± half-width says it all
+    if ci and key in names.LOG_SCALE:  # exp of a symmetric interval is not symmetric
+        text += f" [{_fmt(ci[0], fmt)}, {_fmt(ci[1], fmt)}]"
+    elif ci:  # a linear t-interval is symmetric about the mean: ± half-width says it all
         text += " ± " + _fmt((ci[1] - ci[0]) / 2, fmt)
     if key in TIMING and row.get(names.TIMING_WARNINGS):
         text += " " + WARN
@@ -168,9 +177,16 @@ SWEEP_TEXT = (
     "★ = the chosen point. Reused = copied from an earlier identical run, not trained again.")
 
 
+SCALE_TEXT = (
+    f"{LOG_MARK} = on the log scale: the geometric mean over seeds and, in brackets, its 95% "
+    "interval exp(mean(ln x) ± t(0.975, n−1)·s/√n), s the standard deviation of ln x; it never "
+    "reaches 0 and reaches further above the mean than below. If a seed measured 0 (a CPU peak "
+    "of 0 MB), that method's column is the arithmetic mean with the linear interval clipped at "
+    "0 instead. Without " + LOG_MARK + ": the arithmetic mean ± the half-width of the 95% "
+    "Student-t interval, t(0.975, n−1)·s/√n (linear scale).")
 INTERVALS_TEXT = (
-    "Means are over the seeds that finished; ± is the half-width of the 95% Student-t interval "
-    "(t(0.975, n−1)·s/√n). With one seed there is no interval. Few seeds give wide intervals "
+    "Means are over the seeds that finished. " + SCALE_TEXT + " With one seed there is no "
+    "interval. Few seeds give wide intervals "
     "(two seeds multiply s/√n by 12.7): treat a difference as real only when the verdict says "
     "significant. Verdicts pair the seeds: the accuracy difference is a t-interval over the "
     "per-seed differences; time and memory ratios are geometric means with t-intervals on the "
@@ -214,7 +230,8 @@ class Page:
     with_charts: bool = True
 
 
-GLOBALS = {"warn": WARN, "intervals_text": INTERVALS_TEXT, "budget_text": BUDGET_TEXT,
+GLOBALS = {"warn": WARN, "intervals_text": INTERVALS_TEXT, "scale_text": SCALE_TEXT,
+           "budget_text": BUDGET_TEXT,
            "sweep_text": SWEEP_TEXT, "random_init_text": RANDOM_INIT_TEXT,
            "wide_charts": WIDE_CHARTS, "report_artifacts": names.REPORT_ARTIFACTS}
 
@@ -228,7 +245,7 @@ def _chart(c: Chart, embed: bool) -> dict:
 def page(ctx: ReportContext, embed_charts: bool = False, with_charts: bool = True) -> Page:
     sweep = ctx.sweep
     return Page(header=ctx.header, budget=ctx.budget, regressions=ctx.regressions,
-                timing_warnings=ctx.timing_warnings, heads=[h for _, h, _, _ in COLUMNS],
+                timing_warnings=ctx.timing_warnings, heads=heads(),
                 rows=table_rows(ctx.summary),
                 reused_text=reused_text(ctx.reused) if ctx.reused else None,
                 sweep=sweep, sweep_heads=sweep_heads(sweep) if sweep else None,
