@@ -216,5 +216,12 @@ REGRESSION_EVENT = "peft-bench.regression.detected"
 PROGRESS_LOGGER = "peft_bench.progress"  # our progress lines, the console's only source
 LOG_ARTIFACTS = "logs"                   # the run's full log, on the parent run
 
+# ------------------------------------------------------------------ Prefect artifacts per benchmark
+# flows/orchestration/artifacts.py writes a benchmark's results table and its progress bar under
+# these prefixes + the benchmark name's slug + a short hash of the name (`artifact_key`), so
+# Prefect's Artifacts page shows one history per benchmark across nightly runs.
+PREFECT_RESULTS_PREFIX = "peft-bench-results-"
+PREFECT_PROGRESS_PREFIX = "peft-bench-progress-"
+
 # ------------------------------------------------------------------ labels (tasks/data/labels.py)
 LABEL_NAMES = "peft_bench.label_names"   # on child runs with class names: JSON list, by id
