@@ -1,9 +1,16 @@
 """Matplotlib charts for the benchmark report.
 
-Every chart takes the per-method summary rows (only the methods that finished) and writes one
-PNG. Figures are built with the object API on an Agg canvas, never through pyplot, so charts
-can be drawn from Prefect worker threads without a display and without pyplot's global state.
+Every chart takes the per-method summary rows (only the methods that finished) and returns
+one Figure, which `draw_all` writes as a PNG (and a test can read back: the data drawn, the
+text boxes). Figures are built with the object API on an Agg canvas, never through pyplot, so
+charts can be drawn from Prefect worker threads without a display and without pyplot's global
+state (adjustText imports pyplot, but is handed our Axes, so pyplot's figures stay empty).
 A chart function returns None when there is nothing to draw, so the caller can say so.
+
+Error bars are the rows' 95% intervals as stored: for time and memory the log-scale interval
+(tasks/analysis/stats.py `log_interval`), which never reaches 0 and is longer above the mean
+than below. Point labels are moved apart by adjustText; when it cannot separate them, the
+chart names the points in a legend instead, so no label ever lies on another.
 """
 from __future__ import annotations
 
@@ -12,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from adjustText import adjust_text
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
 from tasks.common import names
@@ -78,12 +87,14 @@ def _with(rows: Rows, *keys: str) -> Rows:
 
 
 def _err(rows: Rows, key: str, scale: list[float] | None = None):
-    """Asymmetric error bars from the rows' 95% intervals (`<key>_ci`); zero where absent."""
+    """Asymmetric error bars from the rows' 95% intervals (`<key>_ci`); zero where absent.
+    Matplotlib refuses a negative length, so a bound one rounding past its mean (seeds with
+    equal values) draws as 0 rather than failing the whole report."""
     lo, hi = [], []
     for i, r in enumerate(rows):
         ci, mean, k = r.get(names.row_ci(key)), r.get(key), (scale[i] if scale else 1.0)
-        lo.append(k * (mean - ci[0]) if ci else 0.0)
-        hi.append(k * (ci[1] - mean) if ci else 0.0)
+        lo.append(max(0.0, k * (mean - ci[0])) if ci else 0.0)
+        hi.append(max(0.0, k * (ci[1] - mean)) if ci else 0.0)
     return [lo, hi] if any(lo) or any(hi) else None
 
 
@@ -105,7 +116,7 @@ def _barh(rows: Rows, values: list[float], labels: list[str], colors, title: str
     return fig, ax
 
 
-def time_chart(rows: Rows, reference: Optional[str], colors, path: Path) -> Optional[Path]:
+def time_chart(rows: Rows, reference: Optional[str], colors) -> Optional[Figure]:
     rows = _with(rows, names.TRAIN_TIME)
     if not rows:
         return None
@@ -121,12 +132,12 @@ def time_chart(rows: Rows, reference: Optional[str], colors, path: Path) -> Opti
     else:
         secs = [r[names.TRAIN_TIME] for r in rows]
         fig, ax = _barh(rows, secs, [f"{s:.1f} s{m}" for s, m in zip(secs, marks)], colors,
-                        "Training time in seconds", "training time (s)",
+                        "Training time in seconds", "training time (s), geometric mean",
                         _err(rows, names.TRAIN_TIME))
-    return save_figure(fig, path)
+    return fig
 
 
-def size_chart(rows: Rows, colors, path: Path) -> Optional[Path]:
+def size_chart(rows: Rows, colors) -> Optional[Figure]:
     """Model files and adapter-only files side by side; log scale because an adapter is
     hundreds of times smaller than the model it adapts."""
     rows = [r for r in rows if _positive(r.get(names.MODEL_SIZE)) or _positive(r.get(names.ADAPTER_SIZE))]
@@ -153,7 +164,7 @@ def size_chart(rows: Rows, colors, path: Path) -> Optional[Path]:
     ax.legend([unique[k] for k in order], order, frameon=False, loc="upper right")
     ax.margins(y=0.15)
     style_axes(ax)
-    return save_figure(fig, path)
+    return fig
 
 
 def _positive(v) -> bool:
@@ -174,7 +185,7 @@ def _curves(ax, rows: Rows, histories: Histories, metric: str, colors, marker=No
     return drawn
 
 
-def loss_chart(rows: Rows, histories: Histories, colors, path: Path) -> Optional[Path]:
+def loss_chart(rows: Rows, histories: Histories, colors) -> Optional[Figure]:
     fig = new_figure()
     ax = fig.add_subplot()
     if not _curves(ax, rows, histories, names.TRAIN_LOSS, colors):
@@ -184,10 +195,10 @@ def loss_chart(rows: Rows, histories: Histories, colors, path: Path) -> Optional
     ax.set_ylabel(names.TRAIN_LOSS)
     ax.legend(frameon=False)
     style_axes(ax, "both")
-    return save_figure(fig, path)
+    return fig
 
 
-def accuracy_chart(rows: Rows, histories: Histories, colors, path: Path) -> Optional[Path]:
+def accuracy_chart(rows: Rows, histories: Histories, colors) -> Optional[Figure]:
     final = _with(rows, names.ACCURACY)
     if not final:
         return None
@@ -208,21 +219,21 @@ def accuracy_chart(rows: Rows, histories: Histories, colors, path: Path) -> Opti
     right.set_title("Final accuracy (mean, 95% CI)", loc="left", fontweight="bold")
     right.tick_params(axis="x", labelrotation=30)
     style_axes(right)
-    return save_figure(fig, path)
+    return fig
 
 
-def memory_chart(rows: Rows, colors, path: Path) -> Optional[Path]:
+def memory_chart(rows: Rows, colors) -> Optional[Figure]:
     rows = _with(rows, names.PEAK_MEMORY)
     if not rows:
         return None
     values = [r[names.PEAK_MEMORY] for r in rows]
     fig, _ = _barh(rows, values, [f"{v:,.0f} MB" for v in values], colors,
-                   "Peak memory during training", "peak memory (MB)",
+                   "Peak memory during training", "peak memory (MB), geometric mean",
                    _err(rows, names.PEAK_MEMORY))
-    return save_figure(fig, path)
+    return fig
 
 
-def params_chart(rows: Rows, colors, path: Path) -> Optional[Path]:
+def params_chart(rows: Rows, colors) -> Optional[Figure]:
     rows = [r for r in rows if _positive(r.get(names.TRAINABLE_PARAMS))]
     if not rows:
         return None
@@ -234,68 +245,117 @@ def params_chart(rows: Rows, colors, path: Path) -> Optional[Path]:
     ax.set_xscale("log")
     ax.set_xlim(min(values) / 3, max(values) * 12)  # room for the labels on a log axis
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human(v)))
-    return save_figure(fig, path)
+    return fig
 
 
-def pareto_chart(rows: Rows, colors, path: Path) -> Optional[Path]:
-    """Accuracy vs training time with 95% intervals as error bars; starred methods are those no
-    other method beats on both axes beyond the intervals (hollow: not ranked on time)."""
+LABEL_ITERATIONS = 400  # adjustText's default stops after 1 s of wall time: machine-dependent
+ARROW = {"arrowstyle": "-", "color": "#888888", "lw": 0.8}
+EXPAND = (1.15, 1.4)  # the room adjustText keeps around a label: a margin, not a touch
+
+
+def overlapping(texts, renderer) -> bool:
+    """Whether any two of the texts' boxes, as drawn, share a pixel."""
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def label_points(ax, points: list[tuple[float, float, str]], markers, handles: list) -> list:
+    """One text label per point, moved apart by adjustText, which also keeps them off the
+    `markers` (one scatter collection) and joins a moved label to its point with a thin line.
+    If labels still overlap after that, they are removed and `handles` (one legend entry per
+    point) name the points instead. Returns the labels kept."""
+    fig = ax.get_figure()
+    fig.canvas.draw()  # let the constrained layout size the axes, then freeze it: labels are
+    fig.set_layout_engine("none")  # placed in pixels, and a later relayout would move them
+    texts = [ax.text(x, y, label, fontsize=9, zorder=4) for x, y, label in points]
+    renderer, arrows = fig.canvas.get_renderer(), []
+    # A label wider than the axes fits nowhere (adjustText would warn at every iteration).
+    if max(t.get_window_extent(renderer).width for t in texts) < ax.bbox.width:
+        _, arrows = adjust_text(texts, x=[x for x, _, _ in points], y=[y for _, y, _ in points],
+                                objects=markers, ax=ax, iter_lim=LABEL_ITERATIONS,
+                                expand=EXPAND, arrowprops=ARROW)
+        fig.canvas.draw()
+        if not overlapping(texts, renderer):
+            return texts
+    for artist in [*texts, *arrows]:
+        artist.remove()
+    ax.legend(handles=handles, frameon=False, fontsize=9, loc="best")
+    return []
+
+
+def pareto_chart(rows: Rows, colors) -> Optional[Figure]:
+    """Accuracy vs training time with 95% intervals as error bars (time: geometric mean and
+    its log-scale interval); starred methods are those no other method beats on both axes
+    beyond the intervals (hollow: not ranked on time)."""
     rows = _with(rows, names.TRAIN_TIME, names.ACCURACY)
     if not rows:
         return None
     fig = new_figure(6.6, 4.4)
     ax = fig.add_subplot()
+    points, style, handles = [], [], []
     for r in rows:
-        best = bool(r.get(names.PARETO_OPTIMAL))
+        best, color = bool(r.get(names.PARETO_OPTIMAL)), colors[r["method"]]
         x, y = r[names.TRAIN_TIME], r[names.ACCURACY]
         xerr, yerr = _err([r], names.TRAIN_TIME), _err([r], names.ACCURACY)
         if xerr or yerr:
-            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor=colors[r["method"]],
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor=color,
                         elinewidth=1.2, capsize=3, zorder=2)
-        ax.scatter(x, y, s=110 if best else 60, zorder=3,
-                   color=colors[r["method"]] if best else "white",
-                   edgecolors="black" if best else colors[r["method"]], linewidths=1.5)
-        mark = " ★" if best else (" ⚠" if r.get(names.TIMING_WARNINGS) else "")
-        ax.annotate(r["method"] + mark, (x, y), textcoords="offset points", xytext=(7, 5),
-                    fontsize=9)
+        style.append((110, color, "black") if best else (60, "white", color))
+        label = r["method"] + (" ★" if best else (" ⚠" if r.get(names.TIMING_WARNINGS) else ""))
+        points.append((x, y, label))
+        handles.append(Line2D([], [], marker="o", linestyle="", markersize=8 if best else 6.5,
+                              markerfacecolor=style[-1][1], markeredgecolor=style[-1][2],
+                              label=label))
+    # One collection for every marker: adjustText keeps the labels off it as a whole.
+    markers = ax.scatter([p[0] for p in points], [p[1] for p in points],
+                         s=[s for s, _, _ in style], c=[f for _, f, _ in style],
+                         edgecolors=[e for _, _, e in style], linewidths=1.5, zorder=3)
     ax.set_title("Accuracy vs training time (★ = best beyond the 95% intervals)", loc="left",
                  fontweight="bold")
-    ax.set_xlabel("training time (s), mean over seeds")
+    ax.set_xlabel("training time (s), geometric mean over seeds")
     ax.set_ylabel("final eval/accuracy, mean over seeds")
     ax.margins(x=0.2, y=0.2)
     style_axes(ax, "both")
-    return save_figure(fig, path)
+    label_points(ax, points, markers, handles)
+    return fig
+
+
+INTERVAL_SCALES = ("Accuracy: mean with its 95% t-interval; time and memory: geometric mean "
+                   "with its 95% interval on the log scale, never below 0 and longer above the "
+                   "mean than below.")
 
 
 def draw_all(rows: Rows, histories: Histories, reference: Optional[str], colors,
              out: Path) -> tuple[list[Chart], list[str]]:
     """Draw every chart into `out`; return the charts drawn and a note for each one skipped."""
     no_baseline = "" if reference else " No reference method time, so absolute seconds."
-    specs: list[tuple[str, str, str, Callable[[Path], Optional[Path]]]] = [
-        (names.CHART_PARETO, "Accuracy vs time", "Means over seeds with 95% intervals. Filled points are "
-         "starred: no other method is faster and more accurate beyond the intervals.",
-         lambda p: pareto_chart(rows, colors, p)),
-        (names.CHART_TRAIN_TIME, "Training time", "Wall-clock training time per method, mean over seeds "
-         "with its 95% interval." + no_baseline,
-         lambda p: time_chart(rows, reference, colors, p)),
-        (names.CHART_EVAL_ACCURACY, "Evaluation accuracy", "eval/accuracy on each run's scoring split "
-         "(the test split for a sweep's final runs) at each evaluation, and the final value.", lambda p: accuracy_chart(rows, histories, colors, p)),
+    log_iv = ("geometric mean over seeds with its 95% interval on the log scale (never below 0, "
+              "longer above the mean than below)")
+    specs: list[tuple[str, str, str, Callable[[], Optional[Figure]]]] = [
+        (names.CHART_PARETO, "Accuracy vs time", f"{INTERVAL_SCALES} Filled points are starred: "
+         "no other method is faster and more accurate beyond the intervals.",
+         lambda: pareto_chart(rows, colors)),
+        (names.CHART_TRAIN_TIME, "Training time", "Wall-clock training time per method, "
+         f"{log_iv}." + no_baseline, lambda: time_chart(rows, reference, colors)),
+        (names.CHART_EVAL_ACCURACY, "Evaluation accuracy", "eval/accuracy on each run's scoring "
+         "split (the test split for a sweep's final runs) at each evaluation, and the final "
+         "value.", lambda: accuracy_chart(rows, histories, colors)),
         (names.CHART_TRAIN_LOSS, "Training loss", "train/loss per optimizer step.",
-         lambda p: loss_chart(rows, histories, colors, p)),
-        (names.CHART_MODEL_SIZE, "Model size", "Size of the files written: the whole model (float or "
-         "4-bit) and the adapter-only files.", lambda p: size_chart(rows, colors, p)),
-        (names.CHART_PEAK_MEMORY, "Peak memory", "Peak memory while training.",
-         lambda p: memory_chart(rows, colors, p)),
-        (names.CHART_TRAINABLE_PARAMS, "Trainable parameters", "Trainable parameters (log scale) and "
-         "their share of all parameters.", lambda p: params_chart(rows, colors, p)),
+         lambda: loss_chart(rows, histories, colors)),
+        (names.CHART_MODEL_SIZE, "Model size", "Size of the files written: the whole model (float "
+         "or 4-bit) and the adapter-only files.", lambda: size_chart(rows, colors)),
+        (names.CHART_PEAK_MEMORY, "Peak memory", f"Peak memory while training, {log_iv}.",
+         lambda: memory_chart(rows, colors)),
+        (names.CHART_TRAINABLE_PARAMS, "Trainable parameters", "Trainable parameters (log scale) "
+         "and their share of all parameters.", lambda: params_chart(rows, colors)),
     ]
     charts, notes = [], []
     for key, title, caption, draw in specs:
-        path = draw(out / key)
-        if path is None:
+        fig = draw()
+        if fig is None:
             notes.append(f"No {title.lower()} chart: no finished method logged the data for it.")
         else:
-            charts.append(Chart(key, title, path, caption))
+            charts.append(Chart(key, title, save_figure(fig, out / key), caption))
     return charts, notes
 
 
