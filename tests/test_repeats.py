@@ -267,7 +267,8 @@ NOT_WRITTEN_HERE = {
 }
 NOT_NAMES = {"parent", "child", "aggregate", "grid", "predictions.csv", "report", "adapter",
              "logs", "peft-bench-report", "peft-bench-regressions",
-             "peft-bench.regression.detected", "custom_model_development", "peft_bench.progress"}
+             "peft-bench.regression.detected", "custom_model_development", "peft_bench.progress",
+             "peft-bench-results-", "peft-bench-progress-"}  # Prefect artifact key prefixes
 
 
 def test_every_declared_name_is_written_by_a_real_run(runs):
