@@ -12,7 +12,6 @@ end, so a failure leaves either the previous report or nothing, never half a rep
 """
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 import tempfile
@@ -31,7 +30,7 @@ from tasks.analysis.aggregate import MethodAggregate, Summary, summarize
 from tasks.analysis.regression import Check
 from tasks.analysis.stats import pareto_beyond_noise
 from tasks.common import names
-from tasks.reporting import outdir
+from tasks.reporting import outdir, results
 from tasks.reporting.charts import Chart, draw_all, method_colors
 from tasks.reporting.charts_sweep import draw_sweep, frontier
 from tasks.reporting.context import ReportContext
@@ -102,6 +101,8 @@ def _header(client: MlflowClient, parent: Run, tracking_uri: str, summary: Summa
         "git_sha": tags.get(names.GIT_SHA, "unknown"),
         "seeds": seeds,
         "reference": summary.reference,
+        "config_hash": tags.get(names.CONFIG_HASH),  # the results document's identity
+        "started_at": started.isoformat(timespec="seconds"),
         "versions": {k.removeprefix("versions."): v for k, v in sorted(params.items())
                      if k.startswith("versions.")},
         "random_init": tags.get(names.RANDOM_INIT, "").strip().lower() == "true",
@@ -320,20 +321,15 @@ def _charts(ctx: ReportContext, work: Path) -> list[Chart]:
     return charts
 
 
+def report_context(parent_run_id: str, tracking_uri: str) -> ReportContext:
+    """What the report is built from, without writing it (`peft-bench compare --format`)."""
+    return _context(runs.client_at(tracking_uri), parent_run_id, tracking_uri)
+
+
 def _write(ctx: ReportContext, work: Path) -> list[Chart]:
     charts = _charts(ctx, work)
-    reg, h = ctx.regressions, ctx.header
-    summary = {"parent_run_id": h["parent_run_id"],
-               "benchmark": h["benchmark"], "seeds": h["seeds"],
-               "random_init": h["random_init"], "reference": h["reference"],
-               "budget_answers": ctx.budget,
-               "splits": {k: h[k] for k in ("scored_on", "selected_on", "optimistic")},
-               "chart_methods": [r["method"] for r in ctx.finished],
-               "methods": ctx.summary, "verdicts": ctx.verdicts,
-               "sweep": ctx.sweep, "reused_finals": ctx.reused,
-               "regressions": [f.message for f in reg.flags] if reg else None,
-               names.TIMING_WARNINGS: ctx.timing_warnings, "notes": ctx.notes}
-    text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
+    # The same document as `peft-bench compare --format json` (docs/results.md).
+    text = results.to_json(results.document(ctx))
     (work / names.SUMMARY_JSON).write_text(text, encoding="utf-8")
     (work / names.REPORT_MD).write_text(render_markdown(ctx), encoding="utf-8")
     (work / names.REPORT_HTML).write_text(render_html(ctx), encoding="utf-8")

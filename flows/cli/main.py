@@ -8,13 +8,34 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from flows.cli.formats import COMPARE_HELP, REPORT_HELP, Format
 from flows.infra.stack import stack_app
 
 app = typer.Typer(help="peft-bench: Full fine-tuning vs LoRA vs DoRA vs QLoRA, with Prefect "
                        "and MLflow.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 console = Console(width=160)
+err_console = Console(width=160, stderr=True)  # beside a document on stdout (--format json)
 
+
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from importlib import metadata
+
+    try:
+        version = metadata.version("peft-bench")
+    except metadata.PackageNotFoundError:  # a source tree that was never pip-installed
+        version = "unknown (not installed as a package: pip install -e .)"
+    typer.echo(f"peft-bench {version}")
+    raise typer.Exit()
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", callback=_print_version,
+                                      is_eager=True, help="Print the installed version and exit.")
+         ) -> None:
+    """peft-bench: Full fine-tuning vs LoRA vs DoRA vs QLoRA, with Prefect and MLflow."""
 
 
 def show_benchmark(tracking_uri: str, parent_run_id: str, baseline: Optional[str] = None) -> None:
@@ -46,7 +67,8 @@ def show_benchmark(tracking_uri: str, parent_run_id: str, baseline: Optional[str
         console.print(line, highlight=False)
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2, err: bool = False) -> None:
+    """`err`: on stderr, where stdout carries a document (a redirect must not swallow it)."""
     import sys
 
     from tasks.common.secrets import redact
@@ -54,7 +76,8 @@ def _fail(message: str, code: int = 2) -> None:
     if "tasks.common.progress" in sys.modules:  # the error on a line of its own, not after a bar
         sys.modules["tasks.common.progress"].close_all()
 
-    console.print(f"[red]error:[/red] {redact(message)}", highlight=False, soft_wrap=True)
+    (err_console if err else console).print(f"[red]error:[/red] {redact(message)}",
+                                            highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -294,40 +317,56 @@ def compare(experiment: Optional[str] = typer.Option(None, help="MLflow experime
             tracking_uri: Optional[str] = typer.Option(None, help="defaults to mlflow.yaml / env"),
             parent: Optional[str] = typer.Option(None, help="a parent run id (default: latest)"),
             baseline: Optional[str] = typer.Option(
-                None, help="a parent run id to check the benchmark against for regressions")) -> None:
+                None, help="a parent run id to check the benchmark against for regressions"),
+            fmt: Format = typer.Option(Format.table, "--format", case_sensitive=False,
+                                       help=COMPARE_HELP)) -> None:
     """Print a benchmark's methods (mean ± 95% CI over seeds), its verdicts against the
-    reference method and its regression check, read from MLflow."""
+    reference method and its regression check, read from MLflow. With --format
+    markdown|json|csv, the results document on stdout (errors on stderr)."""
+    from flows.cli import formats
     from tasks.report import ReportError, latest_parent_run
     from tasks.tracking.store import UnknownRun
 
+    data = fmt is not Format.table
     uri, exp = _tracking(tracking_uri, experiment)
     parent = parent or latest_parent_run(uri, exp)
     if parent is None:
-        _fail(f"no benchmark runs in experiment {exp!r} at {uri}", code=1)
+        _fail(f"no benchmark runs in experiment {exp!r} at {uri}", code=1, err=data)
     try:
-        show_benchmark(uri, parent, baseline)
+        if data:
+            typer.echo(formats.write(formats.benchmark_document(uri, parent, baseline), fmt),
+                       nl=False)
+        else:
+            show_benchmark(uri, parent, baseline)
     except UnknownRun as e:
-        _fail(str(e))
+        _fail(str(e), err=data)
     except ReportError as e:
-        _fail(str(e), code=1)
+        _fail(str(e), code=1, err=data)
 
 
 @app.command()
 def report(parent_run_id: str = typer.Argument(..., help="the benchmark's parent run id"),
            out: Path = typer.Option(Path("reports"), help="output folder"),
-           tracking_uri: Optional[str] = typer.Option(None, help="defaults to mlflow.yaml / env")) -> None:
+           tracking_uri: Optional[str] = typer.Option(None, help="defaults to mlflow.yaml / env"),
+           fmt: Format = typer.Option(Format.table, "--format", case_sensitive=False,
+                                      help=REPORT_HELP)) -> None:
     """Rebuild a benchmark's report from MLflow (exit 2 for an unknown run id)."""
+    from flows.cli import formats
     from tasks.report import generate_report
     from tasks.tracking.store import UnknownRun
 
+    data = fmt is not Format.table
     uri, _ = _tracking(tracking_uri, None)
     try:
         result = generate_report(parent_run_id, uri, out)
     except UnknownRun as e:
-        _fail(str(e))
+        _fail(str(e), err=data)
     except Exception as e:  # noqa: BLE001 - any failure is reported, not traced
-        _fail(str(e), code=1)
-    console.print(f"report: {result.html_path}\n        {result.markdown_path}")
+        _fail(str(e), code=1, err=data)
+    paths = f"report: {result.html_path}\n        {result.markdown_path}"
+    (err_console if data else console).print(paths)
+    if data:
+        typer.echo(formats.write(formats.report_document(result.dir), fmt), nl=False)
 
 
 @app.command("make-tiny-model")
