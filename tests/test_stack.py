@@ -20,6 +20,7 @@ from conftest import ceiling
 from typer.testing import CliRunner
 
 from flows.infra import stack
+from flows.infra.stack_cli import stack_app
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "test-process"
@@ -96,20 +97,20 @@ def test_mlflow_serves_artifacts(live):
 def test_cli_status_up_again_down_twice(live):
     d, _, pids = live
     runner = CliRunner()
-    res = runner.invoke(stack.stack_app, ["status", "--dir", str(d)])
+    res = runner.invoke(stack_app, ["status", "--dir", str(d)])
     assert res.exit_code == 0 and res.output.count(" up ") == 3, res.output
-    res = runner.invoke(stack.stack_app, ["up", "--dir", str(d)])
+    res = runner.invoke(stack_app, ["up", "--dir", str(d)])
     assert res.exit_code == 1 and "already runs" in res.output
-    res = runner.invoke(stack.stack_app, ["down", "--dir", str(d), "--grace", "5"])
+    res = runner.invoke(stack_app, ["down", "--dir", str(d), "--grace", "5"])
     assert res.exit_code == 0 and "stopped" in res.output
     deadline = time.monotonic() + ceiling(10)
     while time.monotonic() < deadline and not all(gone(p) for p in pids):
         time.sleep(0.2)
     assert [p for p in pids if not gone(p)] == []
     assert not (d / "stack.json").exists() and not list(d.glob("*.pid"))
-    res = runner.invoke(stack.stack_app, ["down", "--dir", str(d)])
+    res = runner.invoke(stack_app, ["down", "--dir", str(d)])
     assert res.exit_code == 0 and "nothing running" in res.output
-    assert runner.invoke(stack.stack_app, ["status", "--dir", str(d)]).exit_code == 1
+    assert runner.invoke(stack_app, ["status", "--dir", str(d)]).exit_code == 1
 
 
 def test_free_port_falls_back_when_busy():

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from flows.cli.formats import COMPARE_HELP, REPORT_HELP, Format
-from flows.infra.stack import stack_app
+from flows.infra.stack_cli import stack_app
 
 app = typer.Typer(help="peft-bench: Full fine-tuning vs LoRA vs DoRA vs QLoRA, with Prefect "
                        "and MLflow.", no_args_is_help=True)

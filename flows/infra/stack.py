@@ -11,15 +11,14 @@ Everything lives under one folder (default `.stack/`):
       <name>.log, <name>.pid one pair per process: prefect-server, mlflow-server, worker-1, ...
 
 Each process is started in its own session, so its PID is also its process-group id and
-`down` stops its children (uvicorn, gunicorn, flow-run subprocesses) with it.
+`down` stops its children (uvicorn, gunicorn, flow-run subprocesses) with it (flows/infra/
+supervisor.py starts, waits for and stops them). The typer commands are in stack_cli.py.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +30,8 @@ from typing import Callable, Optional
 
 import httpx
 import psutil
-import typer
+
+from flows.infra import supervisor
 
 HOST = "127.0.0.1"
 DEFAULT_DIR = Path(".stack")
@@ -53,20 +53,13 @@ class Proc:
     port: Optional[int] = None
     health: Optional[str] = None
 
+    @property
+    def group(self) -> supervisor.Group:
+        return supervisor.Group(self.pid, self.create_time)
+
     def members(self) -> list[psutil.Process]:
         """Live processes of this group, plus the leader's descendants that left it."""
-        found: dict[int, psutil.Process] = {}
-        for p in psutil.process_iter(["create_time", "status"]):
-            try:
-                if (os.getpgid(p.pid) == self.pid and p.info["status"] != psutil.STATUS_ZOMBIE
-                        and p.info["create_time"] >= self.create_time - 1):
-                    found[p.pid] = p
-            except (ProcessLookupError, psutil.Error):
-                continue
-        if self.pid in found:
-            with contextlib.suppress(psutil.Error):
-                found.update({c.pid: c for c in found[self.pid].children(recursive=True)})
-        return list(found.values())
+        return self.group.members()
 
     def alive(self) -> bool:
         return bool(self.members())
@@ -94,11 +87,6 @@ def free_port(preferred: int | None = None) -> int:
     raise StackError("no free port on 127.0.0.1")
 
 
-def log_tail(path: str | Path, lines: int = 20) -> str:
-    p = Path(path)
-    return "\n".join(p.read_text(errors="replace").splitlines()[-lines:]) if p.is_file() else ""
-
-
 def prefect_env(stack_dir: Path, api_url: str | None = None) -> dict[str, str]:
     """Environment for Prefect processes of this stack: its own PREFECT_HOME, its own API."""
     env = {k: v for k, v in os.environ.items()
@@ -116,30 +104,20 @@ def spawn(stack_dir: Path, name: str, argv: list[str], env: dict[str, str],
     stack_dir = Path(stack_dir)
     stack_dir.mkdir(parents=True, exist_ok=True)
     log = (stack_dir / f"{name}.log").resolve()
-    with open(log, "ab") as out:
-        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env=env, cwd=REPO_ROOT, start_new_session=True)
-    (stack_dir / f"{name}.pid").write_text(f"{p.pid}\n")
-    proc = Proc(name, p.pid, str(log), psutil.Process(p.pid).create_time(), url, port, health)
+    child = supervisor.start(argv, log, env=env, cwd=REPO_ROOT)
+    (stack_dir / f"{name}.pid").write_text(f"{child.group.pid}\n")
+    proc = Proc(name, child.group.pid, str(log), child.group.create_time, url, port, health)
     _record(stack_dir, proc)
     return proc
 
 
 def wait_until(proc: Proc, ready: Callable[[], bool], what: str, timeout: float) -> float:
     """Poll `ready()` until true; fail fast if the process died. Returns seconds waited."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            if ready():
-                return time.monotonic() - start
-        except (httpx.HTTPError, OSError):
-            pass
-        if not proc.alive():
-            raise StackError(f"{proc.name} exited before {what}; see {proc.log}:\n"
-                             f"{log_tail(proc.log)}")
-        time.sleep(0.5)
-    raise StackError(f"{proc.name} not {what} after {timeout:.0f}s; see {proc.log}:\n"
-                     f"{log_tail(proc.log)}")
+    try:
+        return supervisor.wait_ready(ready, proc.alive, name=proc.name, log=proc.log, what=what,
+                                     timeout=timeout, ignore=(httpx.HTTPError, OSError))
+    except supervisor.NotReady as e:
+        raise StackError(str(e)) from None
 
 
 def _http_ok(url: str) -> bool:
@@ -377,25 +355,9 @@ def stack_up(stack_dir: Path = DEFAULT_DIR, prefect_port: int = 4200, mlflow_por
     return state
 
 
-def _signal_group(proc: Proc, sig: int) -> None:
-    for p in proc.members():
-        with contextlib.suppress(psutil.Error):
-            p.send_signal(sig)
-
-
 def stop_procs(to_stop: list[Proc], grace: float = 10.0) -> None:
     """SIGTERM each process group, SIGKILL whatever is left after `grace` seconds."""
-    for proc in to_stop:
-        _signal_group(proc, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(p.alive() for p in to_stop):
-        time.sleep(0.2)
-    for proc in to_stop:
-        _signal_group(proc, signal.SIGKILL)
-    for proc in to_stop:
-        psutil.wait_procs(proc.members(), timeout=5)
-        with contextlib.suppress(ChildProcessError):  # reap the leader if we started it
-            os.waitpid(proc.pid, os.WNOHANG)
+    supervisor.stop([p.group for p in to_stop], grace)
 
 
 def stop_all(stack_dir: Path = DEFAULT_DIR, grace: float = 10.0) -> list[Proc]:
@@ -414,54 +376,3 @@ def stop_all(stack_dir: Path = DEFAULT_DIR, grace: float = 10.0) -> list[Proc]:
 def stack_status(stack_dir: Path = DEFAULT_DIR) -> list[dict]:
     return [{"name": p.name, "pid": p.pid, "alive": p.alive(), "healthy": is_healthy(p),
              "url": p.url, "log": p.log} for p in procs(stack_dir)]
-
-
-# --------------------------------------------------------------------------- CLI
-stack_app = typer.Typer(help="A local Prefect server + MLflow server + process workers on "
-                             "127.0.0.1, all under one folder (default .stack/).",
-                        no_args_is_help=True)
-DirOpt = typer.Option(DEFAULT_DIR, "--dir", help="Stack folder: PIDs, logs, data, env file.")
-
-
-@stack_app.command("up")
-def up_cmd(stack_dir: Path = DirOpt,
-           prefect_port: int = typer.Option(4200, help="Prefect port (a free one if busy)."),
-           mlflow_port: int = typer.Option(5000, help="MLflow port (a free one if busy)."),
-           pool: str = typer.Option(DEFAULT_POOL, help="Process work pool to create and poll."),
-           workers: int = typer.Option(1, min=0, help="Number of workers."),
-           timeout: float = typer.Option(120, help="Seconds to wait for each process."),
-           ui: bool = typer.Option(True, help="Serve the Prefect UI.")) -> None:
-    """Start the stack and wait until every part answers."""
-    try:
-        state = stack_up(stack_dir, prefect_port, mlflow_port, pool, workers, timeout, ui,
-                         echo=typer.echo)
-    except StackError as e:
-        typer.secho(str(e), fg="red", err=True)
-        raise typer.Exit(1)
-    typer.echo(f"\nPrefect UI  {state['prefect_url']}\nMLflow UI   {state['mlflow_url']}\n"
-               f"Run `source {stack_dir}/env` to point prefect/mlflow/peft-bench at them.")
-
-
-@stack_app.command("down")
-def down_cmd(stack_dir: Path = DirOpt,
-             grace: float = typer.Option(10.0, help="Seconds between SIGTERM and SIGKILL.")) -> None:
-    """Stop every process of the stack (safe to run twice); data and logs stay."""
-    stopped = stop_all(stack_dir, grace)
-    typer.echo(f"stopped {', '.join(p.name for p in stopped)}" if stopped
-               else f"nothing running in {stack_dir}")
-
-
-@stack_app.command("status")
-def status_cmd(stack_dir: Path = DirOpt) -> None:
-    """Show each process of the stack: PID, alive, healthy, URL, log."""
-    rows = stack_status(stack_dir)
-    if not rows:
-        typer.echo(f"no stack in {stack_dir}")
-        raise typer.Exit(1)
-    for r in rows:
-        state = "up" if r["alive"] else "DOWN"
-        if r["healthy"] is False:
-            state += " (unhealthy)"
-        typer.echo(f"{r['name']:<15} pid {r['pid']:<8} {state:<16} {r['url'] or '':<24} {r['log']}")
-    if not all(r["alive"] for r in rows):
-        raise typer.Exit(1)

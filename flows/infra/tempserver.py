@@ -5,10 +5,10 @@ it at exit; a CLI killed with SIGKILL leaves that server running for ever, and a
 makes its fixed start-up wait time out. So the CLI starts the same server itself (uvicorn on
 `prefect.server.api.server:create_app`, as Prefect does) with:
 
-- the kernel's parent-death signal (PR_SET_PDEATHSIG): SIGTERM reaches the server the moment the
-  CLI dies, however it dies;
+- a guard process (flows/infra/supervisor.py) that stops the server the moment the CLI dies,
+  however it dies, SIGKILL included;
 - a record in `<cache>/servers/<server pid>.json` (owner pid and start time); the next start
-  stops any server whose owner is gone (where the parent-death signal is not available);
+  stops any server whose owner is gone (should the guard itself have been killed);
 - a start-up timeout (default 120 s, PEFT_BENCH_SERVER_TIMEOUT or --server-timeout) and one
   retry on a fresh port, then a clear `ServerStartError` naming the log.
 """
@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import importlib.util
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,10 +27,11 @@ from typing import Optional
 import httpx
 import psutil
 
-from flows.infra.stack import free_port, log_tail
+from flows.infra import supervisor
+from flows.infra.stack import free_port
+from flows.infra.supervisor import log_tail
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("PEFT_BENCH_SERVER_TIMEOUT", "120"))
-PR_SET_PDEATHSIG = 1
 _entered: list = []
 
 
@@ -44,19 +41,13 @@ class ServerStartError(RuntimeError):
 
 @dataclass
 class TempServer:
-    proc: subprocess.Popen
+    child: supervisor.Child
     url: str
     record: Path
     log: Path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.child.stop(grace=10)
         self.record.unlink(missing_ok=True)
         self.log.unlink(missing_ok=True)
 
@@ -67,11 +58,6 @@ def servers_dir() -> Path:
     path = cache_root() / "servers"
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def reap_orphans() -> list[int]:
@@ -88,14 +74,8 @@ def reap_orphans() -> list[int]:
         if owner_alive:
             continue
         if server:
-            with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(info["pid"])
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except psutil.TimeoutExpired:
-                    proc.kill()
-                stopped.append(info["pid"])
+            supervisor.stop([supervisor.Group(info["pid"], info["started"])], grace=10)
+            stopped.append(info["pid"])
         record.unlink(missing_ok=True)
     return stopped
 
@@ -106,16 +86,14 @@ def _alive(pid: int, started: float) -> bool:
     return bool(process_alive(pid, started))
 
 
-def _spawn(port: int, log: Path) -> subprocess.Popen:
+def _spawn(port: int, log: Path) -> supervisor.Child:
     app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent
     argv = [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
             "--log-level", "error", "--lifespan", "on"]
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
            "PREFECT__SERVER_FINAL": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    with open(log, "ab") as out:
-        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    return supervisor.start(argv, log, env=env, guard=True)
 
 
 def _point_prefect_at(api_url: str) -> None:
@@ -130,16 +108,13 @@ def _point_prefect_at(api_url: str) -> None:
         _entered.append(ctx)  # a context manager that is garbage-collected exits
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=5) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                return False
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get(f"{url}/api/health").status_code == 200:
-                    return True
-            time.sleep(0.25)
+def _wait_healthy(child: supervisor.Child, url: str, timeout_s: float) -> bool:
+    with httpx.Client(timeout=5) as client, contextlib.suppress(supervisor.NotReady):
+        supervisor.wait_ready(lambda: client.get(f"{url}/api/health").status_code == 200,
+                              lambda: child.popen.poll() is None, name="the temporary server",
+                              log=child.log, timeout=timeout_s, interval=0.25,
+                              ignore=(httpx.HTTPError,))
+        return True
     return False
 
 
@@ -150,14 +125,14 @@ def start(timeout_s: float = DEFAULT_TIMEOUT_S, tries: int = 2) -> TempServer:
     me = psutil.Process()
     for attempt in range(1, tries + 1):
         port = free_port()
-        proc = _spawn(port, log)
+        child = _spawn(port, log)
         url = f"http://127.0.0.1:{port}"
-        record = folder / f"{proc.pid}.json"
-        record.write_text(json.dumps({"pid": proc.pid, "started": psutil.Process(proc.pid).create_time(),
+        record = folder / f"{child.group.pid}.json"
+        record.write_text(json.dumps({"pid": child.group.pid, "started": child.group.create_time,
                                       "owner_pid": me.pid, "owner_started": me.create_time(),
                                       "url": url}))
-        server = TempServer(proc, url, record, log)
-        if _wait_healthy(proc, url, timeout_s):
+        server = TempServer(child, url, record, log)
+        if _wait_healthy(child, url, timeout_s):
             _point_prefect_at(f"{url}/api")
             atexit.register(server.stop)
             return server
