@@ -6,6 +6,7 @@ from typing import Optional
 
 from rich.table import Table
 
+from tasks.analysis import stats
 from tasks.analysis.aggregate import Summary
 from tasks.analysis.regression import Check
 from tasks.common import names
@@ -30,8 +31,9 @@ def _cell(summary_agg, key: str, fmt: Optional[str], with_ci: bool) -> str:
         return "-"
     f = (lambda v: f"{1000 * v:.1f}") if fmt is None else fmt.format
     text = f(iv.mean)
-    if with_ci and iv.has_interval:
-        text += " ± " + f((iv.high - iv.low) / 2)
+    if with_ci and iv.has_interval:  # a log-scale interval is not symmetric: show its ends
+        text += (f" [{f(iv.low)}, {f(iv.high)}]" if iv.scale == stats.LOG
+                 else " ± " + f((iv.high - iv.low) / 2))
     if key in TIMING and summary_agg.timing_warnings:
         text += " ⚠"
     return text
@@ -40,7 +42,8 @@ def _cell(summary_agg, key: str, fmt: Optional[str], with_ci: bool) -> str:
 def methods_table(summary: Summary) -> Table:
     parent = summary.parent
     title = (f"benchmark {parent.data.tags.get(names.BENCHMARK, '')} "
-             f"({parent.info.run_id}): mean ± 95% CI over seeds")
+             f"({parent.info.run_id}): over seeds, accuracy mean ± 95% CI; time, memory and "
+             "throughput geometric mean [95% CI, log scale]")
     table = Table(title=title)
     for col in ["method", "kind", "status", "seeds", *[c[0] for c in COLUMNS]]:
         table.add_column(col, justify="left" if col in ("method", "kind", "status") else "right")
