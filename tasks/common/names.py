@@ -225,3 +225,11 @@ PREFECT_PROGRESS_PREFIX = "peft-bench-progress-"
 
 # ------------------------------------------------------------------ labels (tasks/data/labels.py)
 LABEL_NAMES = "peft_bench.label_names"   # on child runs with class names: JSON list, by id
+
+# ------------------------------------------------------------------ the MLflow UI's saved view
+# MLflow 3.17's UI keeps a saved chart view as an experiment tag, prefix + the view's id, and
+# opens it from the URL parameter below (the format is pinned in tasks/tracking/ui_view.py,
+# which writes ours; tasks/tracking/runs.py `ui_path` links to it).
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
+UI_VIEW_ID = "peft-bench-methods"
+SHARE_KEY_PARAM = "viewStateShareKey"

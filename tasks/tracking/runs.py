@@ -26,7 +26,7 @@ from tasks.common.secrets import redact
 from tasks.config.build import public_dump
 from tasks.config.schema import BenchConfig, TrackingConfig
 from tasks.models.source import pinned_digest
-from tasks.tracking import outage, store
+from tasks.tracking import outage, store, ui_view
 from tasks.tracking.owner import owner_tag
 
 # MLflow writes "View run ... at: <tracking URI>/#/..." to stdout when a run against a server
@@ -65,26 +65,39 @@ def new_run(c: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, 
 def experiment_id(tracking: TrackingConfig) -> str:
     """The experiment, created if needed, marked as model development: MLflow 3's UI opens an
     experiment without that tag on its GenAI overview (traces, token usage: all empty here);
-    with it, on the runs table and charts that compare our runs."""
+    with it, on the runs table and charts that compare our runs. It holds our saved chart view
+    (tasks/tracking/ui_view.py), which `ui_path` opens."""
     c = client(tracking)
     exp = c.get_experiment_by_name(tracking.experiment)
     if exp is None:
         eid = c.create_experiment(tracking.experiment,
                                   artifact_location=tracking.artifact_location,
                                   tags={names.EXPERIMENT_KIND: names.KIND_MODEL_DEVELOPMENT})
-        return eid
-    if exp.tags.get(names.EXPERIMENT_KIND) != names.KIND_MODEL_DEVELOPMENT:
-        c.set_experiment_tag(exp.experiment_id, names.EXPERIMENT_KIND,
-                             names.KIND_MODEL_DEVELOPMENT)
-    return exp.experiment_id
+        tags: dict[str, str] = {}
+    else:
+        eid, tags = exp.experiment_id, exp.tags
+        if tags.get(names.EXPERIMENT_KIND) != names.KIND_MODEL_DEVELOPMENT:
+            c.set_experiment_tag(eid, names.EXPERIMENT_KIND, names.KIND_MODEL_DEVELOPMENT)
+    ui_view.ensure(c, eid, tags, tracking.tracking_uri)
+    return eid
 
 
-def ui_path(experiment_id: str) -> str:
+def ui_path(experiment_id: str, tracking_uri: Optional[str] = None) -> str:
     """The MLflow UI page that compares the methods: the experiment's runs in the model-training
-    workflow (MLflow 3.17 opens a new browser on its GenAI pages otherwise), in chart view, where
-    each aggregate run is one bar of `accuracy_mean` and the other per-method metrics."""
-    return (f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    workflow (MLflow 3.17 opens a new browser on its GenAI pages otherwise), in chart view, in
+    our saved view (ui_view.py: accuracy, time and memory against the reference on the first
+    screen, one bar per aggregate run). The view's key only where the installed MLflow is the
+    one the view is written for, and, given the store, only when the experiment holds it: the
+    UI sends a key it cannot find to the GenAI overview."""
+    page = (f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
             "&compareRunsMode=CHART")
+    if not ui_view.installed_is_pinned():
+        return page
+    if tracking_uri is not None:
+        tags = client_at(tracking_uri).get_experiment(experiment_id).tags
+        if ui_view.read_envelope(tags.get(ui_view.tag_key())) is None:
+            return page
+    return f"{page}&{names.SHARE_KEY_PARAM}={names.UI_VIEW_ID}"
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
