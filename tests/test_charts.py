@@ -153,6 +153,11 @@ def test_no_interval_is_drawn_below_zero():
     # the widest time bar, lora's, is exactly exp(t-interval of ln t) around its geometric mean
     widest = max((seg[:, 0] for seg in segments), key=np.ptp)
     assert sorted(widest) == pytest.approx(log_ci((0.5, 3.0)), rel=1e-9)
+    # on the log time axis that interval is drawn symmetric around the geometric mean
+    assert pareto.get_xscale() == "log"
+    ends = pareto.transData.transform([(x, 0.5) for x in sorted(widest)])[:, 0]
+    centre = pareto.transData.transform([(math.sqrt(0.5 * 3.0), 0.5)])[0, 0]
+    assert centre - ends[0] == pytest.approx(ends[1] - centre, rel=1e-6)
     for fig, key in ((time_chart(data, None, colors), "train_time_s"),
                      (memory_chart(data, colors), "peak_memory_mb")):
         ends = [seg[:, 0] for seg in error_segments(fig.axes[0])]
