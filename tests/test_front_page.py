@@ -66,8 +66,8 @@ def test_every_image_on_the_front_page_loads(front_page):
 
 
 def test_the_front_page_shows_the_accuracy_vs_time_picture(front_page):
-    if not (ROOT / PICTURE).is_file():
-        pytest.skip(f"{PICTURE} is not made yet (scripts/front_page_picture makes it)")
+    assert (ROOT / PICTURE).is_file(), f"{PICTURE} is missing (scripts/front_page_picture makes it)"
+    assert (ROOT / PICTURE).stat().st_size <= 200_000, f"{PICTURE} is over 200 kB"
     picture = front_page.locator(f'img[src="{PICTURE}"]')
     assert picture.count() == 1, f"README.md does not show {PICTURE}"
     width = picture.evaluate("i => i.naturalWidth")
