@@ -261,6 +261,7 @@ NOT_WRITTEN_HERE = {
     "peft_bench.chosen": "sweeps: test_sweep.py", "peft_bench.chosen_point": "sweeps: test_sweep.py",
     "peft_bench.reused_from": "reused runs: test_sweep.py",
     "mlflow.experimentKind": "an experiment tag: test_browser.py",
+    "mlflow.sharedViewState.": "a prefix of the saved view's experiment tag: test_ui_view.py",
     "mlflow.data.context": "a dataset input tag: test_pipeline.py (inputs with digests)",
     "peft_bench.model_sha256": "packaged models only: test_model_source.py",
     "peft_bench.label_names": "class-name labels only: test_labels.py",
@@ -268,7 +269,8 @@ NOT_WRITTEN_HERE = {
 NOT_NAMES = {"parent", "child", "aggregate", "grid", "predictions.csv", "report", "adapter",
              "logs", "peft-bench-report", "peft-bench-regressions",
              "peft-bench.regression.detected", "custom_model_development", "peft_bench.progress",
-             "peft-bench-results-", "peft-bench-progress-"}  # Prefect artifact key prefixes
+             "peft-bench-results-", "peft-bench-progress-",  # Prefect artifact key prefixes
+             "peft-bench-methods", "viewStateShareKey"}  # the saved view's id, its URL key
 
 
 def test_every_declared_name_is_written_by_a_real_run(runs):
