@@ -21,6 +21,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.utilities.annotations import quote
 
 import peft_modules as pm
+from flows.orchestration.trials import TrialHook, trial_hook
 from tasks.common import names, progress
 from tasks.common.errors import describe
 from tasks.common.secrets import redact
@@ -121,8 +122,9 @@ def evaluate(cfg: BenchConfig, model, data: PreparedData, device: torch.device,
 
 
 def train_and_measure(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_id: str,
-                      device: torch.device, split: str = "eval"):
-    """Load, inject and train inside one peak-memory window (the method's own memory)."""
+                      device: torch.device, split: str = "eval", hook: Optional[TrialHook] = None):
+    """Load, inject and train inside one peak-memory window (the method's own memory); a sweep
+    trial's `hook` hears each periodic evaluation and may stop the training there (pruned)."""
     with PeakMemory(device) as mem:
         model = load_model_task(cfg.model, method, data.num_labels, data.pad_token_id, str(device),
                                 data.label_names)
@@ -132,8 +134,10 @@ def train_and_measure(cfg: BenchConfig, method: MethodConfig, data: PreparedData
 
         buffer = tracking.MetricBuffer(run_id, cfg.tracking)
 
-        def eval_fn(step: int) -> None:
-            log_eval(run_id, cfg, evaluate(cfg, model, data, device, split=split), step)
+        def eval_fn(step: int) -> bool:
+            ev = evaluate(cfg, model, data, device, split=split)
+            log_eval(run_id, cfg, ev, step)
+            return hook is not None and hook(step, ev.metrics, run_id)
 
         try:
             result = train_task(model, quote(data.train), cfg.training,
@@ -190,13 +194,14 @@ def log_outputs(run_id: str, cfg: BenchConfig, method: MethodConfig, model, ev: 
 
 
 def run_method(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_id: str,
-               device: torch.device, resumed: bool = False, split: str = "eval") -> dict[str, float]:
+               device: torch.device, resumed: bool = False, split: str = "eval",
+               hook: Optional[TrialHook] = None) -> dict[str, float]:
     torch.manual_seed(cfg.training.seed)  # head and adapter init follow the seed
     folder = checkpoint_folder(cfg, run_id)
     log_inputs(cfg, data, run_id, split, resumed)
     try:
         model, summary, res, peak_mb, model_size_mb = train_and_measure(cfg, method, data,
-                                                                        run_id, device, split)
+                                                                        run_id, device, split, hook)
         ev = evaluate(cfg, model, data, device, with_texts=True, split=split)
     except NonFiniteError:  # a diverged run's checkpoints would only diverge again
         checkpoint.clear(folder)
@@ -364,13 +369,14 @@ def finetune(config: dict, method_name: str, parent_run_id: str, seed: Optional[
         progress.say(f"↺ {what}: reused an earlier FINISHED run with the same settings, data "
                      f"and code (MLflow run {copied})")
         return finished_metrics(tracking.client(cfg.tracking).get_run(copied))
+    hook = trial_hook(cfg, parent_run_id, point, phase)  # halving/tpe: the point's Optuna trial
     with gpu_slot(cfg):  # waiting for the GPU is not part of the method's run
         run_id = open_child_run(cfg, method, parent_run_id, device, existing, plan)
         progress.say(f"▶ {what}: MLflow run {run_id}{' (resumed)' if existing else ''}")
         try:
             with tracking.closing_run(cfg.tracking, run_id, system_metrics=True):
                 out = run_method(cfg, method, data, run_id, device,
-                                 resumed=existing is not None, split=plan.split)
+                                 resumed=existing is not None, split=plan.split, hook=hook)
         except Exception as e:
             progress.say(f"✗ {what}: FAILED: {describe(e, one_line=True, limit=300)}")
             raise

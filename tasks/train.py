@@ -154,7 +154,7 @@ def _grad_norm(trainable: list[torch.Tensor], max_norm: Optional[float]) -> floa
 class LoopContext:
     """What one training run is given: the model and its data, the settings, and the callbacks
     (`log(metrics, step)` every `log_every` steps, `evaluate(step)` every `eval_every` steps,
-    its time not counted) and checkpoint plan."""
+    its time not counted, True from it stops training there) and checkpoint plan."""
     model: nn.Module
     train: SplitData
     cfg: TrainingConfig
@@ -240,9 +240,11 @@ def _train_loop(ctx: LoopContext) -> TrainResult:
         bar.update(1)
         progress.step_done()
         bar.set_postfix(loss=f"{prog.losses[-1]:.4f}", refresh=False)
-        _between_steps(ctx, optim, prog, stream, segment=now - t0)
+        stop = _between_steps(ctx, optim, prog, stream, segment=now - t0)
         t0 += time.perf_counter() - now  # logging, evaluation, checkpoints: not training time
         step_start = time.perf_counter()
+        if stop:  # the evaluate callback said so: a sweep point pruned (flows/orchestration/trials.py)
+            break
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     bar.close()
@@ -294,17 +296,17 @@ def _take(stream: BatchStream, n: int):
 
 
 def _between_steps(ctx: LoopContext, optim: Optimiser, prog: checkpoint.Progress,
-                   stream: BatchStream, segment: float) -> None:
+                   stream: BatchStream, segment: float) -> bool:
     """Logging, periodic evaluation and checkpoints after an optimiser step. `segment` is the
     training time since the last such pause: a checkpoint records it so that a resumed run's
-    train time adds up to an uninterrupted one's."""
-    cfg, steps = ctx.cfg, optim.steps
+    train time adds up to an uninterrupted one's. True when `evaluate` asked to stop."""
+    cfg, steps, stop = ctx.cfg, optim.steps, False
     if ctx.log and prog.step % cfg.log_every == 0:
         ctx.log({names.TRAIN_LOSS: prog.losses[-1], names.TRAIN_LR: optim.sched.get_last_lr()[0]},
                 prog.step)
     if ctx.evaluate and cfg.eval_every and prog.step % cfg.eval_every == 0 and prog.step < steps:
         e0 = time.perf_counter()
-        ctx.evaluate(prog.step)
+        stop = bool(ctx.evaluate(prog.step))
         ctx.model.train()
         prog.periodic_eval_s += time.perf_counter() - e0
     if ctx.ckpt is not None and prog.step % ctx.ckpt.every == 0 and prog.step < steps:
@@ -313,6 +315,7 @@ def _between_steps(ctx: LoopContext, optim: Optimiser, prog: checkpoint.Progress
         checkpoint.save(ctx.ckpt.folder, ctx.model, optim.opt, optim.sched, prog,
                         stream.epoch_state, ctx.device, keep=cfg.keep_last)
         prog.train_time_s -= segment  # added once, at the end
+    return stop
 
 
 @task(name="train", cache_policy=NO_CACHE)

@@ -4,7 +4,10 @@ point, which the final runs use under every seed on the test split.
 
 Selection reads only the grid runs' `eval/*` metrics, which come from the selection split
 (`data.eval_split`): a grid run never evaluates on the test split, so nothing of it can leak
-into the choice.
+into the choice. With `sweep.strategy: halving | tpe` the grid runs go through Optuna
+(flows/orchestration/trials.py); a pruned point (FINISHED, tagged `peft_bench.pruned_at_step`)
+is scored on fewer steps than the others, so it is never chosen while a point that trained to
+the end finished; only when none did is the best pruned point chosen.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Callable, Optional
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from flows.orchestration import trials
 from flows.orchestration.jobs import Job, States, grid_jobs
 from tasks.common import names
 from tasks.config.schema import BenchConfig
@@ -51,11 +55,13 @@ def grid_runs(client: MlflowClient, experiment_id: str, method_run_id: str) -> l
 
 def choose(cfg: BenchConfig, runs: list[Run]) -> Optional[Run]:
     """The FINISHED grid run with the best selection metric (the first of equals, in grid
-    order); None when none finished."""
+    order, else in start order), pruned runs only when no other finished; None when none
+    finished."""
     metric = names.CHILD_METRICS[cfg.sweep.metric]
     order = {json.dumps(p, sort_keys=True): i for i, (_, p) in enumerate(cfg.grid_jobs())}
     done = [r for r in runs if r.info.status == "FINISHED" and metric in r.data.metrics]
-    done.sort(key=lambda r: order.get(_point_key(r), len(order)))
+    done = [r for r in done if names.PRUNED_AT_STEP not in r.data.tags] or done
+    done.sort(key=lambda r: (order.get(_point_key(r), len(order)), r.info.start_time))
     best = None
     for run in done:
         if best is None or better(run.data.metrics[metric], best.data.metrics[metric],
@@ -73,7 +79,10 @@ def run_grid(cfg: BenchConfig, client: MlflowClient, parent: Run,
     """Train every grid point, then tag each method's chosen point. Returns the grid runs'
     states and method -> chosen point (None when every point of the method failed)."""
     method_runs = open_method_runs(cfg, client, parent)
-    states = dispatch(cfg, grid_jobs(cfg, method_runs))
+    if cfg.sweep.strategy == "grid":
+        states = dispatch(cfg, grid_jobs(cfg, method_runs))
+    else:
+        states = trials.run_studies(cfg, client, parent.info.experiment_id, method_runs, dispatch)
     chosen: dict[str, Optional[dict]] = {}
     for name, run_id in method_runs.items():
         runs = grid_runs(client, parent.info.experiment_id, run_id)

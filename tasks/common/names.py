@@ -233,3 +233,11 @@ LABEL_NAMES = "peft_bench.label_names"   # on child runs with class names: JSON 
 SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
 UI_VIEW_ID = "peft-bench-methods"
 SHARE_KEY_PARAM = "viewStateShareKey"
+
+# ------------------------------------------------------------------ sweeps that stop early
+# flows/orchestration/trials.py: a halving/tpe grid run is one trial of its method's Optuna
+# study. A pruned point's run ends FINISHED, its partial curves kept, tagged with the step it
+# was stopped at (flows/orchestration/sweeping.py `choose` reads it: a pruned point is never
+# chosen over one that trained to the end).
+PRUNED_AT_STEP = "peft_bench.pruned_at_step"
+TRIAL = "peft_bench.trial"               # on a grid run: "<study name>#<trial number>"

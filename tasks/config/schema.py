@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from peft_modules.spec import AdapterSpec
-from tasks.config.sweep import SweepConfig, check_grid, method_grid, points, split_point
+from tasks.config.sweep import SweepConfig, check_grid, check_sweep, method_grid, split_point
 
 DType = Literal["float32", "bfloat16", "float16"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -123,7 +123,7 @@ class MethodConfig(AdapterSpec):
         None, description="the 4-bit base (qlora/qdora only; their default: NF4, double "
                           "quantisation, float32 compute)")
     lr: Optional[float] = Field(None, gt=0, description="overrides training.lr for this method")
-    sweep: Optional[dict[str, list[Any]]] = Field(
+    sweep: Optional[dict[str, Any]] = Field(
         None, description="this method's grid; its keys win over sweep.grid")
 
     @field_validator("sweep")
@@ -307,6 +307,8 @@ class BenchConfig(_Strict):
         if any(m.sweep for m in self.methods) and self.sweep is None:
             raise ValueError("a method has a sweep: grid but the config has no sweep: section")
         if self.sweep is not None:
+            check_sweep(self.sweep, self.training.eval_every,
+                        {m.name: self.method_grid(m) for m in self.methods}, self.with_point)
             jobs = self.grid_jobs()
             for name, point in jobs:  # every value is checked where it will be used
                 try:
@@ -334,7 +336,7 @@ class BenchConfig(_Strict):
         """(method, point) for every grid run; none without a sweep."""
         if self.sweep is None:
             return []
-        return [(m.name, p) for m in self.methods for p in points(self.method_grid(m))]
+        return [(m.name, p) for m in self.methods for p in self.sweep.points(self.method_grid(m))]
 
     def with_point(self, method_name: str, point: dict[str, Any]) -> "BenchConfig":
         """The config one run of a grid point sees: the point's method and training values."""
