@@ -237,3 +237,23 @@ def test_an_interrupted_halving_sweep_resumes_without_retraining_finished_points
     assert len(trials) == 3  # no point asked twice
     assert all(t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL for t in trials)
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in after}
+
+
+def test_plan_bounds_the_halving_budget(tmp_path, bench_config):
+    """3 points of 16 steps, rungs at 4 and 12, the top 1/3 on: by hand over the 6 orders of
+    ranks (best = 2): [2,1,0] and [2,0,1] cost 16+4+4 = 24; [1,2,0], [1,0,2] and [0,2,1] cost
+    16+16+4 = 36; [0,1,2] costs 48. So at most 48, at least 24, expected 204/6 = 34."""
+    from typer.testing import CliRunner
+
+    from flows.cli.main import app
+
+    cfg = {**bench_config, "methods": [LORA],
+           "sweep": {"strategy": "halving", "grid": {"lr": [1e-4, 1e-3, 1e-2]}, "min_resource": 4}}
+    cfg["training"].update(max_steps=16, eval_every=4)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
+    out = CliRunner().invoke(app, ["plan", str(tmp_path / "s.yaml")])
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.split())
+    assert "lora: 3 points x 16 steps = 48 as a grid; rungs at [4, 12]: at most 48, at least 24" in text
+    expected = float(text.split("at least 24, about ")[1].split(" ")[0])
+    assert abs(expected - 34) <= 1, text

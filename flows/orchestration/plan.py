@@ -6,6 +6,18 @@ parent has the same data digest, else the same model and data source): per metho
 median seconds per optimiser step times the steps this config plans, plus the median
 evaluation time. Grid points and final runs go as two waves: on N workers each wave takes
 about ceil(runs / N) runs' time. Start-up and logging add a few seconds a run on top.
+
+`sweep.strategy: halving` stops points early, so its grid costs less than a grid's, by an amount
+that depends on how the points score. `plan` gives three figures per method (`halving_budget`):
+- at most N x R steps (N points, R steps each): the order in which every point beats all
+  before it at every rung, so none is stopped (with `bootstrap_count` b, the first b points are
+  stopped at the first rung whatever they score);
+- at least R + (N - 1) x r1: the best point first, every other stopped at the first rung r1;
+- expected: the mean over 2,000 random orders of the points (the GridSampler's order is random),
+  assuming the points rank alike at every rung, replaying Optuna's rule (a point goes on from a
+  rung when it is in the top 1/reduction_factor of the points that reached it so far, the best
+  one while fewer than reduction_factor have). A rung's decision waits for the first periodic
+  evaluation at or after it.
 """
 from __future__ import annotations
 
@@ -73,6 +85,70 @@ def jobs(cfg: BenchConfig) -> list[tuple[str, str, Optional[dict], str]]:
     return grid + finals
 
 
+def rungs(cfg: BenchConfig, full: int) -> list[int]:
+    """The steps halving decides at: min_resource x reduction_factor^k below the full budget,
+    each moved to the first periodic evaluation at or after it."""
+    s, every = cfg.sweep, cfg.training.eval_every or 1
+    out, k = [], 0
+    while (step := (s.min_resource or every) * s.reduction_factor ** k) < full:
+        at = math.ceil(step / every) * every
+        if at < full and at not in out:
+            out.append(at)
+        k += 1
+    return out
+
+
+def _replay(order: list[int], full: int, at: list[int], eta: int, bootstrap: int) -> int:
+    """Steps Optuna's SuccessiveHalvingPruner lets points in `order` (a rank each, higher is
+    better, the same at every rung) train, one after another."""
+    seen: list[list[int]] = [[] for _ in at]
+    total = 0
+    for rank in order:
+        steps = full
+        for i, step in enumerate(at):
+            seen[i].append(rank)
+            top = sorted(seen[i], reverse=True)
+            if len(top) <= bootstrap or rank < top[max(len(top) // eta - 1, 0)]:
+                steps = step
+                break
+        total += steps
+    return total
+
+
+def halving_budget(cfg: BenchConfig, n: int, full: int, orders: int = 2000) -> tuple[int, float, int]:
+    """(at least, expected, at most) training steps of a halving sweep of n points of `full`
+    steps each (see the module's docstring)."""
+    import numpy as np
+
+    at, s = rungs(cfg, full), cfg.sweep
+    if n == 0:
+        return 0, 0.0, 0
+    low = _replay(list(range(n - 1, -1, -1)), full, at, s.reduction_factor, s.bootstrap_count)
+    high = _replay(list(range(n)), full, at, s.reduction_factor, s.bootstrap_count)
+    rng = np.random.default_rng(0)
+    mean = sum(_replay(list(rng.permutation(n)), full, at, s.reduction_factor, s.bootstrap_count)
+               for _ in range(orders)) / orders
+    return low, mean, high
+
+
+def halving_lines(cfg: BenchConfig, train_rows: int) -> list[str]:
+    if cfg.sweep is None or cfg.sweep.strategy != "halving":
+        return []
+    s = cfg.sweep
+    lines = [f"halving: the top 1/{s.reduction_factor} of the points that reached a rung go on "
+             f"(bootstrap_count {s.bootstrap_count}); training steps of the grid runs:"]
+    for m in cfg.methods:
+        pts = [p for name, p in cfg.grid_jobs() if name == m.name]
+        full = planned_steps(cfg, train_rows, pts[0] if pts else None)
+        low, mean, high = halving_budget(cfg, len(pts), full)
+        grid = len(pts) * full
+        lines.append(f"  {m.name}: {len(pts)} points x {full} steps = {grid:,} as a grid; rungs at "
+                     f"{rungs(cfg, full) or 'none (below the first rung)'}: at most {high:,}, at "
+                     f"least {low:,}, about {mean:,.0f} expected ({mean / max(grid, 1):.0%} of "
+                     f"the grid; points in random order, ranked alike at every rung)")
+    return lines
+
+
 def table(cfg: BenchConfig) -> Table:
     t = Table(title=f"plan: {cfg.name}")
     for col in ("method", "kind", "grid", "grid runs", "final runs"):
@@ -80,7 +156,8 @@ def table(cfg: BenchConfig) -> Table:
     seeds = len(cfg.training.run_seeds)
     for m in cfg.methods:
         grid = cfg.method_grid(m)
-        shown = "; ".join(f"{k} ∈ {v}" for k, v in grid.items()) or "(config values)"
+        shown = "; ".join(f"{k} ~ {next(iter(v))}{next(iter(v.values()))}" if isinstance(v, dict)
+                          else f"{k} ∈ {v}" for k, v in grid.items()) or "(config values)"
         n = len([1 for name, _ in cfg.grid_jobs() if name == m.name])
         t.add_row(m.name, m.method, shown, str(n), str(seeds))
     return t
@@ -123,5 +200,6 @@ def describe(cfg: BenchConfig, train_rows: int, digest: str, workers: int) -> li
                f"runs ({len(cfg.methods)} methods x {len(cfg.training.run_seeds)} seeds, scored on "
                f"{cfg.data.test_split or ('a share of train' if cfg.data.test_from_train else cfg.data.eval_split)})"
                f" = {grid + finals} runs{limit}")
+    out += halving_lines(cfg, train_rows)
     out += estimate_lines(cfg, train_rows, digest, workers)
     return out
