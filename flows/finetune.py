@@ -118,7 +118,8 @@ def evaluate(cfg: BenchConfig, model, data: PreparedData, device: torch.device,
     # thousands of token-id lists that walk cost ~0.2 s a call (benchmarks/pipeline_overhead).
     return evaluate_task(model, quote(data.split(split)), data.num_labels, data.pad_token_id,
                          str(device), cfg.training.eval_batch_size, cfg.training.precision,
-                         quote(data.texts(split)) if with_texts else None)
+                         quote(data.texts(split)) if with_texts else None,
+                         cfg.training.eval_sort_by_length)
 
 
 def train_and_measure(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_id: str,

@@ -15,7 +15,8 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from torch import nn
 
 from tasks.common import names
-from tasks.data.collate import SplitData, make_loader
+from tasks.data.collate import (SplitData, file_order, length_sorted_batches, make_loader,
+                                sequence_lengths)
 from tasks.train import NonFiniteError, autocast
 
 
@@ -38,10 +39,16 @@ def compute_metrics(labels, preds, num_labels: int) -> dict[str, float]:
 @torch.no_grad()
 def evaluate_model(model: nn.Module, data: SplitData, num_labels: int, pad_token_id: int,
                    device: torch.device, batch_size: int = 64, precision: str = "fp32",
-                   texts: Optional[list[str]] = None) -> EvalResult:
+                   texts: Optional[list[str]] = None, sort_by_length: bool = True) -> EvalResult:
+    """Score `data`. `sort_by_length` batches rows of similar length (less padding; outputs
+    are put back in file order, and a row's prediction does not depend on its batch mates up
+    to float rounding: tests/test_collate_grouping.py)."""
     was_training = model.training
     model.eval()
-    loader = make_loader(data, batch_size, shuffle=False, seed=0, pad_token_id=pad_token_id)
+    batches = (length_sorted_batches(sequence_lengths(data), batch_size) if sort_by_length
+               else None)
+    loader = make_loader(data, batch_size, shuffle=False, seed=0, pad_token_id=pad_token_id,
+                         batches=batches)
     probs, loss_sum = [], 0.0
     t0 = time.perf_counter()
     for batch in loader:
@@ -53,6 +60,8 @@ def evaluate_model(model: nn.Module, data: SplitData, num_labels: int, pad_token
     elapsed = time.perf_counter() - t0
     model.train(was_training)
     p = torch.cat(probs).numpy()
+    if batches is not None:
+        p = p[file_order(batches)]  # back to file order, row i's outputs at position i
     if not (np.isfinite(p).all() and np.isfinite(loss_sum)):
         bad = int((~np.isfinite(p).all(-1)).sum())
         raise NonFiniteError(f"evaluation produced non-finite outputs ({bad} of {len(p)} rows "
@@ -117,6 +126,6 @@ def plot_confusion(cm: np.ndarray, path: Path, title: str,
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(model: nn.Module, data: SplitData, num_labels: int, pad_token_id: int,
                   device: str, batch_size: int = 64, precision: str = "fp32",
-                  texts: Optional[list[str]] = None) -> EvalResult:
+                  texts: Optional[list[str]] = None, sort_by_length: bool = True) -> EvalResult:
     return evaluate_model(model, data, num_labels, pad_token_id, torch.device(device),
-                          batch_size, precision, texts)
+                          batch_size, precision, texts, sort_by_length)

@@ -172,8 +172,10 @@ class TrainingConfig(_Strict):
     eval_batch_size: int = Field(64, gt=0, description="rows per forward pass when scoring")
     num_threads: Optional[int] = Field(None, gt=0, description="torch CPU threads")
     group_by_length: bool = Field(
-        False, description="batch rows of similar length (shuffled chunks, sorted within): "
-        "less padding, as transformers' group_by_length")
+        True, description="batch training rows of similar length (shuffled chunks, sorted "
+        "within): less padding, as transformers' group_by_length (docs/measurement.md)")
+    eval_sort_by_length: bool = Field(
+        True, description="score rows in length-sorted batches (outputs back in file order)")
     fused_adamw: Optional[bool] = Field(
         None, description="torch's fused AdamW kernel; default: on for CUDA, off elsewhere")
     checkpoint_every: Optional[int] = Field(

@@ -130,15 +130,39 @@ def sequence_lengths(split_data) -> list[int]:
     return [len(split_data[i]["input_ids"]) for i in range(len(split_data))]
 
 
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Row indices in batches of similar length, longest first (a stable sort: equal lengths
+    keep file order). For scoring only: each row's prediction does not depend on its batch
+    mates, so the caller puts the outputs back in file order (`file_order`)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def file_order(batches: list[list[int]]) -> list[int]:
+    """The inverse permutation of the concatenated `batches`: outputs[file_order(b)] lists
+    the outputs of rows 0, 1, 2, ... when outputs came batch after batch."""
+    flat = [i for b in batches for i in b]
+    inverse = [0] * len(flat)
+    for position, row in enumerate(flat):
+        inverse[row] = position
+    return inverse
+
+
 def make_loader(split_data: SplitData, batch_size: int, shuffle: bool, seed: int,
-                pad_token_id: int, group_by_length: bool = False) -> DataLoader:
+                pad_token_id: int, group_by_length: bool = False,
+                batches: Optional[list[list[int]]] = None) -> DataLoader:
     """A DataLoader whose shuffle order depends only on `seed` (its own generator, so other
     users of the global torch RNG cannot shift it). No worker processes: batches are tiny lists
     of ints and workers would only add start-up time and nondeterminism.
 
     `group_by_length` (training only) batches rows of similar length together
-    (`LengthGroupedBatchSampler`), still shuffled under `seed`."""
+    (`LengthGroupedBatchSampler`), still shuffled under `seed`. `batches` (scoring only)
+    gives the batches' row indices outright, e.g. `length_sorted_batches`."""
     collate = Collator(pad_token_id)
+    if batches is not None:
+        if shuffle:
+            raise ValueError("fixed batches are for scoring loaders (shuffle=False) only")
+        return DataLoader(split_data, batch_sampler=batches, collate_fn=collate, num_workers=0)
     if group_by_length:
         if not shuffle:
             # Evaluation keeps file order: predictions are matched back to rows by position.
