@@ -16,9 +16,10 @@ from typing import Optional
 from tasks.common.secrets import has_secret, redact
 from tasks.config.build import looks_local
 from tasks.config.schema import BenchConfig, ConfigError, ModelConfig, TrackingConfig, TrainingConfig
-from tasks.data.dataset import DataSummary, validate_data
+from tasks.data.dataset import DataSummary
 from tasks.models import files as model_files
 from tasks.models.source import local_path
+from tasks.prepare import validate_cached
 
 # Any of these is a tokenizer vocabulary; tokenizer_config.json alone is not.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model",
@@ -74,7 +75,7 @@ def check_light(cfg: BenchConfig) -> DataSummary:
     check_output_dir(cfg.report.output_dir)
     check_model_files(cfg.model)
     check_deployable(cfg)
-    return validate_data(cfg.data)
+    return validate_cached(cfg.data)
 
 
 def check_targets(cfg: BenchConfig) -> Optional[str]:
