@@ -202,8 +202,9 @@ def run_trainer(args, model_path: str, data, method: str) -> Run:
     model = load(args, model_path, data, method)
     if method == "lora":  # the same targets and trainable head as ours
         import peft_modules as pm
+        from peft_modules.inject import resolve_targets
 
-        targets = pm.resolve_targets(model, adapter_spec(args))
+        targets = resolve_targets(model, adapter_spec(args))
         model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=args.rank,
                                                  lora_alpha=args.alpha, target_modules=targets,
                                                  modules_to_save=pm.head_names(model)))

@@ -261,6 +261,8 @@ NOT_WRITTEN_HERE = {
     "peft_bench.chosen": "sweeps: test_sweep.py", "peft_bench.chosen_point": "sweeps: test_sweep.py",
     "peft_bench.reused_from": "reused runs: test_sweep.py",
     "mlflow.experimentKind": "an experiment tag: test_browser.py",
+    "peft_bench.pruned_at_step": "pruned sweep points: test_sweep_strategies.py",
+    "peft_bench.trial": "halving/tpe sweep points: test_sweep_strategies.py",
     "mlflow.sharedViewState.": "a prefix of the saved view's experiment tag: test_ui_view.py",
     "mlflow.data.context": "a dataset input tag: test_pipeline.py (inputs with digests)",
     "peft_bench.model_sha256": "packaged models only: test_model_source.py",
