@@ -15,8 +15,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from torch import nn
 
 from tasks.common import names
-from tasks.data.collate import (SplitData, file_order, length_sorted_batches, make_loader,
-                                sequence_lengths)
+from tasks.data.collate import SplitData, file_order, length_sorted_batches, make_loader, sequence_lengths
 from tasks.train import NonFiniteError, autocast
 
 

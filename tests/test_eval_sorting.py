@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _models import family_model_dir
 from transformers import AutoModelForSequenceClassification
 
-from _models import family_model_dir
 from tasks.config.schema import DataConfig
 from tasks.data.collate import (
     SplitData,
