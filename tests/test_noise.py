@@ -3,6 +3,8 @@ hand-computed and plain-numpy values, and WARNINGs that fire on planted bad meas
 stay quiet on good ones."""
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 
@@ -186,10 +188,13 @@ def trainer_runs(ours_sps: float, theirs_sps: float, ours_acc: float = 0.80) -> 
 def test_vs_trainer_report_verdict_and_planted_accuracy_gap():
     from benchmarks import vs_trainer
 
-    out = vs_trainer.report(trainer_runs(1300, 1000), QUIET, 400, 16, None)
+    args = argparse.Namespace(batch_size=16, grouping="none")  # neither side grouped: 1.2
+    shapes, rate = [(64, 64)], 1e9
+    out = vs_trainer.report(trainer_runs(1300, 1000), QUIET, 400, args, None, shapes, rate)
     assert "WARNING" not in out
-    assert "full ours / Trainer samples/s = 1.30" in out and "target >= 1.2: met" in out
+    assert "full ours / Trainer samples/s (none) = 1.30" in out and "target >= 1.2: met" in out
     # Same model, same training: a 10-point accuracy gap on 400 rows is not noise.
-    out = vs_trainer.report(trainer_runs(1300, 1000, ours_acc=0.70), QUIET, 400, 16, None)
+    out = vs_trainer.report(trainer_runs(1300, 1000, ours_acc=0.70), QUIET, 400, args, None,
+                            shapes, rate)
     assert "WARNING: inconsistent: full: accuracy ours 0.700 vs Trainer 0.800" in out
     assert "target >=" not in out
