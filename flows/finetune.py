@@ -146,7 +146,7 @@ def train_and_measure(cfg: BenchConfig, method: MethodConfig, data: PreparedData
                                 buffer.add, eval_fn, checkpoint_plan(cfg, run_id))
         finally:
             buffer.flush()
-    return model, summary, result, mem.peak_mb, model_size_mb
+    return model, summary, result, mem.metrics(), model_size_mb
 
 
 def checkpoint_plan(cfg: BenchConfig, run_id: str) -> Optional[CheckpointPlan]:
@@ -201,8 +201,8 @@ def run_method(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_i
     folder = checkpoint_folder(cfg, run_id)
     log_inputs(cfg, data, run_id, split, resumed)
     try:
-        model, summary, res, peak_mb, model_size_mb = train_and_measure(cfg, method, data,
-                                                                        run_id, device, split, hook)
+        model, summary, res, memory, model_size_mb = train_and_measure(cfg, method, data,
+                                                                       run_id, device, split, hook)
         ev = evaluate(cfg, model, data, device, with_texts=True, split=split)
     except NonFiniteError:  # a diverged run's checkpoints would only diverge again
         checkpoint.clear(folder)
@@ -210,7 +210,7 @@ def run_method(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_i
     log_eval(run_id, cfg, ev, res.steps)
     with tempfile.TemporaryDirectory() as tmp:
         adapter_mb = log_outputs(run_id, cfg, method, model, ev, Path(tmp), data.label_names)
-    summary_metrics = summary_of(res, summary, ev, peak_mb, model_size_mb, adapter_mb)
+    summary_metrics = summary_of(res, summary, ev, memory, model_size_mb, adapter_mb)
     tracking.log_metrics(run_id, cfg.tracking, summary_metrics, res.steps)  # eval: log_eval's
     tracking.log_history(run_id, cfg.tracking, names.STEP_TIME, res.step_times)
     result = {**summary_metrics, names.EVAL_ACCURACY: ev.metrics[names.ACCURACY],
@@ -237,11 +237,12 @@ def log_inputs(cfg: BenchConfig, data: PreparedData, run_id: str, split: str,
         tracking.set_tags(run_id, cfg.tracking, {names.LABEL_NAMES: names_tag(data.label_names)})
 
 
-def summary_of(res: TrainResult, summary: pm.AdapterSummary, ev: EvalResult, peak_mb: float,
-               model_size_mb: float, adapter_mb: float) -> dict[str, float]:
+def summary_of(res: TrainResult, summary: pm.AdapterSummary, ev: EvalResult,
+               memory: dict[str, float], model_size_mb: float,
+               adapter_mb: float) -> dict[str, float]:
     out = {names.TRAIN_TIME: res.train_time_s, names.STEP_TIME_MEDIAN: res.step_time_median_s,
            names.SAMPLES_PER_S: res.samples_per_s, names.TOKENS_PER_S: res.tokens_per_s,
-           names.TRAIN_STEPS: res.steps, names.PEAK_MEMORY: peak_mb,
+           names.TRAIN_STEPS: res.steps, **memory,  # peak, and per-step average and p99
            names.TRAINABLE_PARAMS: summary.trainable_params,
            names.TOTAL_PARAMS: summary.total_params, names.TRAINABLE_PCT: summary.trainable_pct,
            names.MODEL_SIZE: model_size_mb, names.ADAPTER_SIZE: adapter_mb,

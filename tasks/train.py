@@ -28,7 +28,7 @@ from transformers import get_scheduler
 from tasks.common import names, progress
 from tasks.config.schema import TrainingConfig
 from tasks.data.collate import SplitData, make_loader
-from tasks.training import checkpoint
+from tasks.training import checkpoint, memory
 from tasks.training.machine_load import LoadReading, MachineLoad
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -239,6 +239,7 @@ def _train_loop(ctx: LoopContext) -> TrainResult:
         prog.step_times.append(now - step_start)
         bar.update(1)
         progress.step_done()
+        memory.step_sample()  # the memory windows' per-step average and p99
         bar.set_postfix(loss=f"{prog.losses[-1]:.4f}", refresh=False)
         stop = _between_steps(ctx, optim, prog, stream, segment=now - t0)
         t0 += time.perf_counter() - now  # logging, evaluation, checkpoints: not training time

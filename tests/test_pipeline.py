@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from flows.benchmark import benchmark
 from tasks.report import read_children
 
-SUMMARY = ["train_time_s", "step_time_median_s", "other_cpu_share", "samples_per_s", "tokens_per_s", "peak_memory_mb", "trainable_params",
+SUMMARY = ["train_time_s", "step_time_median_s", "other_cpu_share", "samples_per_s", "tokens_per_s", "peak_memory_mb", "memory_avg_mb", "memory_p99_mb", "trainable_params",
            "trainable_pct", "model_size_mb", "adapter_size_mb", "eval/accuracy", "eval/loss",
            "eval/f1_macro", "eval/precision", "eval/recall"]
 
@@ -92,6 +92,7 @@ def test_report_numbers_equal_mlflow(finished):
             continue
         for key, metric in (("accuracy", "eval/accuracy"), ("train_time_s", "train_time_s"),
                             ("peak_memory_mb", "peak_memory_mb"),
+                            ("memory_avg_mb", "memory_avg_mb"), ("memory_p99_mb", "memory_p99_mb"),
                             ("adapter_size_mb", "adapter_size_mb")):
             assert math.isclose(row[key], run.data.metrics[metric], rel_tol=0, abs_tol=0), key
     md = (report_dir / "report.md").read_text()

@@ -27,6 +27,11 @@ SAMPLES_PER_S = "samples_per_s"
 TOKENS_PER_S = "tokens_per_s"
 TRAIN_STEPS = "train_steps"
 PEAK_MEMORY = "peak_memory_mb"
+# Over the training steps, one sample after each optimiser step (tasks/training/memory.py): the
+# mean and the 99th percentile, as peft's method_comparison records them. CUDA: memory_reserved;
+# CPU: the step's largest resident set. MB above the method's start level, like the peak.
+MEMORY_AVG = "memory_avg_mb"
+MEMORY_P99 = "memory_p99_mb"
 TRAINABLE_PARAMS = "trainable_params"
 TOTAL_PARAMS = "total_params"
 TRAINABLE_PCT = "trainable_pct"
@@ -61,6 +66,7 @@ CHILD_METRICS = {
     TRAIN_TIME: TRAIN_TIME, STEP_TIME_MEDIAN: STEP_TIME_MEDIAN,
     EVAL_TIME: EVAL_TIME, SAMPLES_PER_S: SAMPLES_PER_S, TOKENS_PER_S: TOKENS_PER_S,
     EVAL_SAMPLES_PER_S: EVAL_SAMPLES_PER_S, PEAK_MEMORY: PEAK_MEMORY,
+    MEMORY_AVG: MEMORY_AVG, MEMORY_P99: MEMORY_P99,
     TRAINABLE_PARAMS: TRAINABLE_PARAMS, TOTAL_PARAMS: TOTAL_PARAMS,
     TRAINABLE_PCT: TRAINABLE_PCT, MODEL_SIZE: MODEL_SIZE, ADAPTER_SIZE: ADAPTER_SIZE,
     TRAIN_STEPS: TRAIN_STEPS, OTHER_CPU_SHARE: OTHER_CPU_SHARE,
@@ -93,7 +99,7 @@ def row_std(key: str) -> str:
 # ------------------------------------------------------------------ aggregates (one run a method)
 # The numbers the issue asks to aggregate over seeds: mean, std and a 95% Student-t interval.
 AGGREGATED = (ACCURACY, F1_MACRO, FINAL_LOSS, TRAIN_TIME, STEP_TIME_MEDIAN, SAMPLES_PER_S,
-              TOKENS_PER_S, PEAK_MEMORY)
+              TOKENS_PER_S, PEAK_MEMORY, MEMORY_AVG, MEMORY_P99)
 STATS = ("mean", "std", "ci_low", "ci_high")
 N_SEEDS = "n_seeds"
 # Summary keys that cannot be negative and are summarised on the log scale
@@ -102,7 +108,7 @@ N_SEEDS = "n_seeds"
 # and loss stay linear. Written by tasks/analysis/aggregate.py; read by the report's tables
 # and charts and the regression alarm.
 LOG_SCALE = (TRAIN_TIME, STEP_TIME_MEDIAN, EVAL_TIME, SAMPLES_PER_S, TOKENS_PER_S,
-             EVAL_SAMPLES_PER_S, PEAK_MEMORY)
+             EVAL_SAMPLES_PER_S, PEAK_MEMORY, MEMORY_AVG, MEMORY_P99)
 
 
 def agg(key: str, stat: str) -> str:
