@@ -17,3 +17,12 @@ MLflow layer), `analysis/` (statistics, aggregates, regression), `reporting/` (t
 templates, exports) and `common/` (the names every writer and reader share, errors, secrets,
 progress lines). Nothing here imports `flows`.
 """
+
+import os as _os
+
+# MLflow 3 starts a telemetry client when it is imported: a thread that fetches its settings and
+# posts usage records over HTTPS, which on an offline benchmark host only costs CPU (measured
+# in the profile of benchmarks/pipeline_overhead.py, issue #21) beside the timed training.
+# Off unless the user asked for it (MLFLOW_DISABLE_TELEMETRY=false); set before any `tasks`
+# module imports mlflow.
+_os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -18,17 +18,14 @@ lists its geometric means in the `names.GEOMETRIC_MEANS` tag.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
-import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Run, RunTag
 from mlflow.utils.time import get_current_time_millis
 
+from tasks.analysis import predictions
 from tasks.analysis.stats import (
     LOG,
     Interval,
@@ -56,6 +53,8 @@ class SeedRun:
     error: Optional[str]
     metrics: dict[str, Optional[float]]  # summary key -> value (names.CHILD_METRICS keys)
     timing_warning: Optional[str] = None
+    artifact_uri: str = ""
+    end_time: int = 0
 
     @property
     def finished(self) -> bool:
@@ -167,7 +166,8 @@ def seed_run(run: Run) -> SeedRun:
         seed=int(seed) if seed not in (None, "") else None, status=run.info.status,
         start_time=run.info.start_time or 0,
         error=tags.get(names.ERROR) or (None if finished else "the run did not finish"),
-        metrics=values, timing_warning=tags.get(names.TIMING_WARNING))
+        metrics=values, timing_warning=tags.get(names.TIMING_WARNING),
+        artifact_uri=run.info.artifact_uri or "", end_time=run.info.end_time or 0)
 
 
 def _method_order(parent: Run, runs: list[SeedRun]) -> list[str]:
@@ -230,33 +230,22 @@ def geometric_keys(agg: MethodAggregate) -> list[str]:
 
 # ---------------------------------------------------------------- paired comparison
 
-def _correct(client: MlflowClient, run_id: str, tmp: Path) -> Optional[pd.DataFrame]:
-    # MLflow draws a progress bar per download; one per run and seed drowns the console.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        path = client.download_artifacts(run_id, names.PREDICTIONS, str(tmp))
-    except Exception:  # noqa: BLE001 - an old run or weights logging switched off
-        return None
-    return pd.read_csv(path, usecols=["label", "prediction"])
-
-
 def compare(client: MlflowClient, ref: MethodAggregate, other: MethodAggregate,
             notes: list[str]) -> Comparison:
     pairs = [(r, o) for r in ref.finished for o in other.finished if r.seed == o.seed]
     mcnemar = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r, o in pairs:
-            a = _correct(client, r.run_id, Path(tmp) / r.run_id)
-            b = _correct(client, o.run_id, Path(tmp) / o.run_id)
-            if a is None or b is None:
-                notes.append(f"No predictions for seed {r.seed} of {ref.method} or "
-                             f"{other.method}: no McNemar test for that seed.")
-            elif len(a) != len(b) or not a["label"].equals(b["label"]):
-                notes.append(f"{ref.method} and {other.method} were evaluated on different rows "
-                             f"for seed {r.seed}: no McNemar test for that seed.")
-            else:
-                mcnemar[r.seed] = mcnemar_exact((a["label"] == a["prediction"]).tolist(),
-                                                (b["label"] == b["prediction"]).tolist())
+    for r, o in pairs:
+        a = predictions.correct(client, r.run_id, r.artifact_uri, r.end_time)
+        b = predictions.correct(client, o.run_id, o.artifact_uri, o.end_time)
+        if a is None or b is None:
+            notes.append(f"No predictions for seed {r.seed} of {ref.method} or "
+                         f"{other.method}: no McNemar test for that seed.")
+        elif len(a) != len(b) or not a["label"].equals(b["label"]):
+            notes.append(f"{ref.method} and {other.method} were evaluated on different rows "
+                         f"for seed {r.seed}: no McNemar test for that seed.")
+        else:
+            mcnemar[r.seed] = mcnemar_exact((a["label"] == a["prediction"]).tolist(),
+                                            (b["label"] == b["prediction"]).tolist())
 
     def col(key: str, runs: list[SeedRun]) -> list[Optional[float]]:
         return [x.metrics[key] for x in runs]
