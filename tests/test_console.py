@@ -77,3 +77,24 @@ def test_the_install_warns_about_no_package(tmp_path):
     shipped = zipfile.ZipFile(wheel).namelist()
     for template in ("report.html.j2", "report.md.j2", "tables.md.j2", "note.md.j2"):
         assert f"tasks/reporting/templates/{template}" in shipped
+
+
+def test_after_a_run_other_libraries_info_lines_stay_off_the_console(tmp_path):
+    """The run sets the root logger to INFO for its log file; left there, Prefect's console
+    handler (put back when the run ends) printed httpx's "HTTP Request: POST .../api/logs/"
+    lines as Prefect's log worker flushed at exit."""
+    import logging
+
+    from flows.cli import console
+
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        console.quiet_other_libraries(tmp_path / "run.log", verbose=False)
+        assert logging.getLogger("httpx").isEnabledFor(logging.INFO)  # into the log file
+        console.restore()
+        assert root.level == logging.WARNING
+        assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
+    finally:
+        root.setLevel(before)

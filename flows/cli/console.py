@@ -68,6 +68,7 @@ class _OursOnly(logging.Filter):
 
 _handlers: list[logging.Handler] = []
 _removed: list[tuple[logging.Logger, logging.Handler]] = []
+_root_level: list[int] = []  # the root logger's level before the first call
 
 
 def quiet_other_libraries(log_file: Path, verbose: bool) -> None:
@@ -105,6 +106,8 @@ def quiet_other_libraries(log_file: Path, verbose: bool) -> None:
                 if handler not in logger.handlers:
                     logger.addHandler(handler)
     root = logging.getLogger()
+    if not _root_level:
+        _root_level.append(root.level)
     root.setLevel(logging.INFO)
     logging.getLogger("peft_bench").setLevel(logging.INFO)
     if _handlers and isinstance(_handlers[0], logging.FileHandler):
@@ -128,6 +131,11 @@ def restore() -> None:
         if handler not in logger.handlers:
             logger.addHandler(handler)
     _handlers.clear()
+    # Back to the level before: left at INFO, the handlers put back above would print every
+    # library's INFO lines after the run, e.g. httpx's "HTTP Request: POST .../api/logs/" as
+    # Prefect's log worker flushes at exit.
+    if _root_level:
+        logging.getLogger().setLevel(_root_level.pop())
     _removed.clear()
     import transformers
 
