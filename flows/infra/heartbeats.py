@@ -2,9 +2,11 @@
 
 Prefect 3.9 (PrefectHQ/prefect#19641) sends heartbeats from a daemon thread that sleeps in
 one-second steps and, when the flow ends, joins it (up to 2 s). The join waits out the rest of
-the thread's current second: 0–1 s per flow run, and a benchmark is a parent plus one flow run
-per method and seed. Measured on this 2-core machine: four empty subflows took 4.6 s with the
-join, 0.7 s without it (issue #21's overhead). The thread needs no join: it checks for the
+the thread's current second: 0–1 s at the end of every flow run that sends heartbeats. In a
+`dispatch: local` benchmark that is the parent (its in-process children send none,
+flows/benchmark.py); with `dispatch: deployments`, every method's flow run as well. Measured
+on this 2-core machine: four empty subflows with heartbeats took 4.6 s with the join, 0.7 s
+without it (issue #21's overhead). The thread needs no join: it checks for the
 flow's final state before each heartbeat and for the stop event every second, so it sends
 nothing after the run ends and exits by itself within a second; it is a daemon, so it never
 keeps the process alive. Heartbeats themselves are unchanged (zombie detection,
