@@ -31,6 +31,8 @@ from tasks.config.schema import BenchConfig, MethodConfig
 from tasks.data.labels import names_tag
 from tasks.evaluate import EvalResult, evaluate_task, plot_confusion, with_label_names
 from tasks.load import inject_adapter_task, load_model_task, saved_size_mb
+from tasks.methods.hf_peft import save_peft
+from tasks.methods.optim import optimizer_factory
 from tasks.preflight import resolve_device
 from tasks.prepare import PreparedData, prepare_dataset
 from tasks.tracking import runs as tracking
@@ -132,6 +134,8 @@ def train_and_measure(cfg: BenchConfig, method: MethodConfig, data: PreparedData
         with mem.excluded():  # writing a checkpoint to measure it is not the method's memory
             model_size_mb = saved_size_mb(model)
         summary = inject_adapter_task(model, method)
+        if getattr(summary, "model", None) is not None:  # method: peft: train the PeftModel
+            model = summary.model
 
         buffer = tracking.MetricBuffer(run_id, cfg.tracking)
 
@@ -143,7 +147,8 @@ def train_and_measure(cfg: BenchConfig, method: MethodConfig, data: PreparedData
         try:
             result = train_task(model, quote(data.train), cfg.training,
                                 method.lr or cfg.training.lr, data.pad_token_id, str(device),
-                                buffer.add, eval_fn, checkpoint_plan(cfg, run_id))
+                                buffer.add, eval_fn, checkpoint_plan(cfg, run_id),
+                                optimizer_factory(method))
         finally:
             buffer.flush()
     return model, summary, result, mem.metrics(), model_size_mb
@@ -170,6 +175,8 @@ def save_weights(cfg: BenchConfig, method: MethodConfig, model, folder: Path,
     output is (an adapter alone cannot say it)."""
     if method.method == "full":
         weights = pm.save_adapter(model, method.adapter_spec(), folder)
+    elif method.method == "peft":
+        weights = save_peft(model, folder, redact(cfg.model.name_or_path))
     else:
         weights = pm.save_peft_adapter(model, method.adapter_spec(), folder,
                                        base_model_name_or_path=redact(cfg.model.name_or_path))
@@ -259,7 +266,9 @@ def summary_of(res: TrainResult, summary: pm.AdapterSummary, ev: EvalResult,
 def run_note(cfg: BenchConfig, method: MethodConfig, m: dict[str, float]) -> str:
     """The run's description in the MLflow UI: what it is and its headline numbers."""
     settings = f"lr {method.lr or cfg.training.lr:g}"
-    if method.method != "full":
+    if method.method == "peft":
+        settings += f", peft {json.dumps(method.peft)}"
+    elif method.method != "full":
         settings += f", rank {method.rank}, alpha {method.alpha:g}, targets {method.targets}"
     return (f"**{method.name}** ({method.method}), seed {cfg.training.seed}, on "
             f"`{redact(cfg.model.name_or_path)}`: {settings}.\n\n"

@@ -109,6 +109,8 @@ def inject_adapters(model: nn.Module, spec: AdapterSpec) -> AdapterSummary:
     `spec.train_head` (a fresh, random head left frozen cripples every method). `full` adds no
     adapter and trains every parameter.
     """
+    if spec.method == "peft":  # HF peft's own injection: tasks/methods/hf_peft.py
+        raise ValueError("method 'peft' is injected by Hugging Face peft, not peft_modules")
     if spec.method == "full":
         model.requires_grad_(True)
         return AdapterSummary(spec.method, *count_params(model))

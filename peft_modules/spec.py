@@ -10,7 +10,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Method = Literal["full", "lora", "dora", "qlora", "qdora"]
+# "peft": any Hugging Face peft config, injected by the pipeline (tasks/methods/), not here.
+Method = Literal["full", "lora", "dora", "qlora", "qdora", "peft"]
 
 # Default target layers per transformers `model_type`, used when `targets` is left unset.
 DEFAULT_TARGETS: dict[str, list[str]] = {

@@ -46,7 +46,10 @@ def load_model(model_cfg: ModelConfig, method: MethodConfig, num_labels: int,
                pad_token_id: int, device: torch.device,
                label_names: Optional[list[str]] = None) -> nn.Module:
     """AutoModelForSequenceClassification from a hub id or a local directory; 4-bit for
-    qlora/qdora. The pad token is set so the pooled token is the last real one. With class
+    qlora/qdora and for method: peft with a quantization: block. peft's
+    prepare_model_for_kbit_training is not called: it casts fp16/bf16 weights to float32 (ours
+    already compute in the config's dtype) and turns gradient checkpointing on, which would
+    change the time measured, not the method. The pad token is set so the pooled token is the last real one. With class
     names (tasks/data/labels.py) the config's id2label/label2id carry them, so a saved or exported
     model says what each logit means; integer labels keep transformers' LABEL_<i>."""
     # use_safetensors: never unpickle weights (a pickle can run code); preflight refuses a
@@ -84,4 +87,10 @@ def load_model_task(model_cfg: ModelConfig, method: MethodConfig, num_labels: in
 
 @task(name="inject-adapter", cache_policy=NO_CACHE)
 def inject_adapter_task(model: nn.Module, method: MethodConfig) -> pm.AdapterSummary:
+    """Our adapters in place; for method: peft, peft's get_peft_model with the head as
+    modules_to_save (the summary's `model` is then the PeftModel to train)."""
+    if method.method == "peft":
+        from tasks.methods.hf_peft import inject_peft
+
+        return inject_peft(model, method.peft, pm.head_names(model))
     return pm.inject_adapters(model, method.adapter_spec())

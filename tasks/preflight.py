@@ -97,11 +97,26 @@ def check_targets(cfg: BenchConfig) -> Optional[str]:
     for i, m in enumerate(cfg.methods):
         if m.method == "full":
             continue
+        if m.method == "peft":
+            check_peft(model, i, m)
+            continue
         try:
             find_targets(model, m.adapter_spec())
         except ValueError as e:
             raise ConfigError(f"methods.{i} ({m.name}): {e}") from None
     return None
+
+
+def check_peft(meta_model, i: int, m) -> None:
+    """A method: peft that peft refuses on this model (a layer type its tuner does not
+    support, targets matching nothing) is refused here, in peft's words, before any weights."""
+    from peft_modules.inject import head_names
+    from tasks.methods.hf_peft import refusal_on
+
+    why = refusal_on(meta_model, m.peft, head_names(meta_model))
+    if why is not None:
+        raise ConfigError(f"methods.{i} ({m.name}): peft {m.peft['peft_type']} cannot run on "
+                          f"this model: {why}")
 
 
 def check_store(tracking: TrackingConfig) -> None:

@@ -164,6 +164,9 @@ class LoopContext:
     log: Optional[LogFn] = None
     evaluate: Optional[Callable[[int], None]] = None
     ckpt: Optional[CheckpointPlan] = None
+    # (model, lr, weight_decay) -> optimizer in place of AdamW: peft.optimizers' LoRA+ and
+    # LoRA-FA for method: peft (tasks/methods/optim.py); None: AdamW.
+    make_optimizer: Optional[Callable] = None
 
 
 @dataclass
@@ -178,8 +181,11 @@ class Optimiser:
     def build(cls, ctx: LoopContext, batches_per_epoch: int) -> "Optimiser":
         cfg = ctx.cfg
         steps = total_steps(cfg, batches_per_epoch)
-        opt = torch.optim.AdamW(param_groups(ctx.model, cfg.weight_decay), lr=ctx.lr,
-                                fused=use_fused(cfg, ctx.device))
+        if ctx.make_optimizer is not None:
+            opt = ctx.make_optimizer(ctx.model, ctx.lr, cfg.weight_decay)
+        else:
+            opt = torch.optim.AdamW(param_groups(ctx.model, cfg.weight_decay), lr=ctx.lr,
+                                    fused=use_fused(cfg, ctx.device))
         sched = get_scheduler(cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * steps),
                               num_training_steps=steps)
         return cls(opt, sched, [p for p in ctx.model.parameters() if p.requires_grad], steps)
@@ -197,11 +203,13 @@ class Optimiser:
 def train_model(model: nn.Module, train: SplitData, cfg: TrainingConfig, lr: float,
                 pad_token_id: int, device: torch.device, log: Optional[LogFn] = None,
                 evaluate: Optional[Callable[[int], None]] = None,
-                ckpt: Optional[CheckpointPlan] = None) -> TrainResult:
-    """AdamW + schedule + accumulation + clipping. `log(metrics, step)` every `log_every`
-    optimiser steps, `evaluate(step)` every `cfg.eval_every` steps (its time is not counted).
+                ckpt: Optional[CheckpointPlan] = None,
+                make_optimizer: Optional[Callable] = None) -> TrainResult:
+    """AdamW (or `make_optimizer`'s) + schedule + accumulation + clipping. `log(metrics, step)`
+    every `log_every` optimiser steps, `evaluate(step)` every `cfg.eval_every` steps (its time is not counted).
     The machine's load from other processes is measured over the whole loop."""
-    ctx = LoopContext(model, train, cfg, lr, pad_token_id, device, log, evaluate, ckpt)
+    ctx = LoopContext(model, train, cfg, lr, pad_token_id, device, log, evaluate, ckpt,
+                      make_optimizer)
     with MachineLoad(gpu_index=_gpu_index(device)) as load:
         res = _train_loop(ctx)
     res.load = load.reading
@@ -323,6 +331,7 @@ def _between_steps(ctx: LoopContext, optim: Optimiser, prog: checkpoint.Progress
 def train_task(model: nn.Module, train: SplitData, cfg: TrainingConfig, lr: float,
                pad_token_id: int, device: str, log: Optional[LogFn] = None,
                evaluate: Optional[Callable[[int], None]] = None,
-               ckpt: Optional[CheckpointPlan] = None) -> TrainResult:
+               ckpt: Optional[CheckpointPlan] = None,
+               make_optimizer: Optional[Callable] = None) -> TrainResult:
     return train_model(model, train, cfg, lr, pad_token_id, torch.device(device), log,
-                       evaluate, ckpt)
+                       evaluate, ckpt, make_optimizer)

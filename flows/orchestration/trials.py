@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from flows.orchestration.jobs import Job, States
 from tasks.common import names
 from tasks.config.schema import BenchConfig
-from tasks.config.sweep import SWEPT_KEYS, Grid, Point, is_range, points
+from tasks.config.sweep import Grid, Point, grid_keys, is_range, points
 from tasks.tracking import runs as tracking
 from tasks.tracking import store
 
@@ -97,7 +97,7 @@ def open_study(cfg: BenchConfig, grid: Grid, method_run_id: str) -> "optuna.Stud
 
     s = cfg.sweep
     if s.strategy == "halving":
-        space = {k: [_choice(v) for v in grid[k]] for k in SWEPT_KEYS if k in grid}
+        space = {k: [_choice(v) for v in grid[k]] for k in grid_keys(grid)}
         sampler = optuna.samplers.GridSampler(space, seed=s.seed)
     else:
         sampler = optuna.samplers.TPESampler(seed=s.seed)
@@ -120,7 +120,7 @@ def load_study(cfg: BenchConfig, method_run_id: str) -> "optuna.Study":
 def suggest(trial: Trial, grid: Grid) -> Point:
     """The trial's point: a grid value (halving's GridSampler picks it) or a sample (tpe)."""
     point = {}
-    for key in (k for k in SWEPT_KEYS if k in grid):
+    for key in grid_keys(grid):
         values = grid[key]
         if not is_range(values):
             chosen = trial.suggest_categorical(key, [_choice(v) for v in values])

@@ -9,6 +9,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from peft_modules.spec import AdapterSpec
+from tasks.config.peft_block import OptimizerConfig, apply_point, check_block, check_method
 from tasks.config.sweep import SweepConfig, check_grid, check_sweep, method_grid, split_point
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -120,23 +121,40 @@ class MethodConfig(AdapterSpec):
     name: str = Field(..., min_length=1, pattern=r"^[\w.\-]+$",
                       description="the method's name in runs, tables and --methods")
     quantization: Optional[QuantConfig] = Field(
-        None, description="the 4-bit base (qlora/qdora only; their default: NF4, double "
-                          "quantisation, float32 compute)")
+        None, description="the 4-bit base (qlora/qdora: default NF4, double quantisation, "
+                          "float32 compute; method: peft: only when set)")
     lr: Optional[float] = Field(None, gt=0, description="overrides training.lr for this method")
     sweep: Optional[dict[str, Any]] = Field(
         None, description="this method's grid; its keys win over sweep.grid")
+    peft: Optional[dict[str, Any]] = Field(
+        None, description="method: peft only: a Hugging Face peft config, peft_type and that "
+                          "config's fields (docs/config.md, method: peft)")
+    optimizer: Optional[OptimizerConfig] = Field(
+        None, description="the optimiser; null: AdamW (loraplus, lorafa: method: peft, LORA)")
 
     @field_validator("sweep")
     @classmethod
     def _own_grid(cls, v):
         return None if v is None else check_grid(v, "sweep")
 
+    @field_validator("peft")
+    @classmethod
+    def _peft_block(cls, v, info):
+        return check_block(v, info.data.get("method"))
+
+    @property
+    def quantized(self) -> bool:
+        # method: peft loads a 4-bit base when its quantization: block is set.
+        return super().quantized or (self.method == "peft" and self.quantization is not None)
+
     @model_validator(mode="after")
     def _quant_default(self):
+        check_method(self)
         if self.quantized and self.quantization is None:
             object.__setattr__(self, "quantization", QuantConfig())
         if not self.quantized and self.quantization is not None:
-            raise ValueError(f"quantization is only for qlora/qdora, not method {self.method!r}")
+            raise ValueError(f"quantization is only for qlora/qdora/peft, not method "
+                             f"{self.method!r}")
         return self
 
     def adapter_spec(self) -> AdapterSpec:
@@ -343,7 +361,7 @@ class BenchConfig(_Strict):
     def with_point(self, method_name: str, point: dict[str, Any]) -> "BenchConfig":
         """The config one run of a grid point sees: the point's method and training values."""
         on_method, on_training = split_point(point)
-        methods = [MethodConfig.model_validate({**m.model_dump(), **on_method})
+        methods = [MethodConfig.model_validate(apply_point(m.model_dump(), on_method))
                    if m.name == method_name else m for m in self.methods]
         training = TrainingConfig.model_validate({**self.training.model_dump(), **on_training})
         return self.model_copy(update={"methods": methods, "training": training})

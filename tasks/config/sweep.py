@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tasks.common import names
+from tasks.config.peft_block import PEFT_PREFIX
 
 # Where each swept key lives: on the method (an adapter setting, or its lr) or in training.
 METHOD_KEYS = ("lr", "rank", "alpha", "dropout", "targets", "rslora")
@@ -58,10 +59,21 @@ def check_range(spec: dict, where: str) -> dict:
     return spec
 
 
+def is_peft_key(key: str) -> bool:
+    """`peft.r`: a field of a method: peft's peft: block (checked when the point is applied)."""
+    return key.startswith(PEFT_PREFIX) and len(key) > len(PEFT_PREFIX)
+
+
+def grid_keys(grid: Grid) -> list[str]:
+    """The grid's keys in a fixed order: ours, then the peft fields sorted."""
+    return [k for k in SWEPT_KEYS if k in grid] + sorted(k for k in grid if is_peft_key(k))
+
+
 def check_grid(grid: Grid, where: str) -> Grid:
-    unknown = sorted(set(grid) - set(SWEPT_KEYS))
+    unknown = sorted(k for k in set(grid) - set(SWEPT_KEYS) if not is_peft_key(k))
     if unknown:
-        raise ValueError(f"{where}: cannot sweep {unknown}; sweepable keys: {list(SWEPT_KEYS)}")
+        raise ValueError(f"{where}: cannot sweep {unknown}; sweepable keys: {list(SWEPT_KEYS)} "
+                         f"and, for method: peft, {PEFT_PREFIX}<field> (e.g. peft.r)")
     for key, values in grid.items():
         if is_range(values):
             check_range(values, f"{where}.{key}")
@@ -146,25 +158,35 @@ def check_sweep(sweep: SweepConfig, eval_every: Optional[int], grids: dict[str, 
 
 def corners(grid: Grid) -> list[Point]:
     """The lowest and the highest end of every range (and each listed value), for checking."""
-    keys = [k for k in SWEPT_KEYS if k in grid]
+    keys = grid_keys(grid)
     ends = {k: list(next(iter(grid[k].values()))) if is_range(grid[k]) else grid[k] for k in keys}
     return [{k: ends[k][min(i, len(ends[k]) - 1)] for k in keys}
             for i in range(max((len(v) for v in ends.values()), default=0))]
 
 
 def method_grid(default: Grid, own: Optional[Grid], kind: str) -> Grid:
-    """The method's own keys win; adapter-only keys are dropped for full fine-tuning."""
+    """The method's own keys win; adapter-only keys are dropped for full fine-tuning and for
+    method: peft (its settings are peft.X keys), peft.X keys for every other method."""
     grid = {**default, **(own or {})}
     if kind == "full":
         if own and (bad := sorted(set(own) & set(ADAPTER_ONLY))):
             raise ValueError(f"sweep: {bad} do not apply to full fine-tuning")
         grid = {k: v for k, v in grid.items() if k not in ADAPTER_ONLY}
+    if kind == "peft":
+        if own and (bad := sorted(set(own) & set(ADAPTER_ONLY))):
+            raise ValueError(f"sweep: {bad} do nothing for method: peft; sweep its fields as "
+                             f"{PEFT_PREFIX}<field> (e.g. peft.r)")
+        grid = {k: v for k, v in grid.items() if k not in ADAPTER_ONLY}
+    else:
+        if own and (bad := sorted(k for k in own if is_peft_key(k))):
+            raise ValueError(f"sweep: {bad} address a peft: block; only method: peft has one")
+        grid = {k: v for k, v in grid.items() if not is_peft_key(k)}
     return grid
 
 
 def points(grid: Grid) -> list[Point]:
     """The grid's cartesian product, keys in a fixed order; one empty point for no grid."""
-    keys = [k for k in SWEPT_KEYS if k in grid]
+    keys = grid_keys(grid)
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
@@ -185,7 +207,7 @@ def _short(v: Any) -> str:
 
 def split_point(point: Point) -> tuple[Point, Point]:
     """(method fields, training fields) of a point."""
-    return ({k: v for k, v in point.items() if k in METHOD_KEYS},
+    return ({k: v for k, v in point.items() if k in METHOD_KEYS or is_peft_key(k)},
             {k: v for k, v in point.items() if k in TRAINING_KEYS})
 
 

@@ -93,11 +93,13 @@ def _merged(cfg: BenchConfig, method: MethodConfig, adapter: Path, out: Path) ->
     num_labels = heads[0].shape[0] if heads else 2
     model = load_model(cfg.model, method, num_labels, tokenizer.pad_token_id, torch.device("cpu"),
                        label_names=_label_names(adapter, num_labels))
-    if method.method == "full":
-        pm.load_adapter(model, adapter)
+    if method.method == "peft":  # peft's own loader and merge (peft docs: merge_and_unload)
+        from peft import PeftModel
+
+        plain = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     else:
-        pm.load_peft_adapter(model, adapter)
-    plain = pm.merge_and_unload(model)
+        (pm.load_adapter if method.method == "full" else pm.load_peft_adapter)(model, adapter)
+        plain = pm.merge_and_unload(model)
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
