@@ -119,16 +119,35 @@ def summarize(report: list[tuple[dict, dict]], load: LoadReading | None) -> str:
                               checks.verdict(verdict_line(spread(warm)) if warm else "")])
 
 
+def fill_history(api_url: str, tmp: Path, n: int) -> str:
+    """N finished flow runs in the server's database, written by a child process."""
+    from flows.infra.stack import prefect_env
+    env = prefect_env(tmp, api_url)
+    code = f"from benchmarks._prefect_history import fill; fill({n})"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"filling the Prefect history failed:\n{out.stderr[-4000:]}")
+    db = next((tmp / "prefect").rglob("prefect.db"), None)
+    size = f", database {db.stat().st_size / 2**20:.0f} MB" if db else ""
+    return f"Prefect server filled with {n} finished flow runs{size}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/quickstart-tiny.yaml")
     ap.add_argument("--rounds", type=int, default=3, help="warm runs after the cold one")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--history", type=int, default=0, metavar="N",
+                    help="first fill the Prefect server with N finished flow runs (a server "
+                         "that has kept months of nightly runs)")
     args = ap.parse_args()
     from flows.infra.stack import prefect_env, start_prefect_server, stop_procs
     with tempfile.TemporaryDirectory() as tmp:
         server = start_prefect_server(Path(tmp), port=0, ui=False)
         try:
+            if args.history:
+                print(fill_history(server.url + "/api", Path(tmp), args.history))
             uri = f"sqlite:///{tmp}/mlflow.db"
             with MachineLoad() as load:
                 results = run_flow(server.url + "/api", args.config, args.rounds,
