@@ -118,16 +118,23 @@ def block_for(peft_type: str, family: str) -> dict:
 
 
 def inject(model, block: dict, heads: list[str]):
-    """As `method: peft` injects (tasks/methods): the peft config built from the block, the
-    head in modules_to_save, get_peft_model."""
-    from peft import get_peft_model
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    """As `method: peft` injects (tasks.methods.hf_peft.inject_peft): the peft config built from the
+    block, SEQ_CLS, the head in modules_to_save, get_peft_model. Returns the PeftModel."""
+    from tasks.methods.hf_peft import inject_peft
 
-    fields = {k: v for k, v in block.items() if k != "peft_type"}
-    config = PEFT_TYPE_TO_CONFIG_MAPPING[block["peft_type"]](task_type="SEQ_CLS", **fields)
-    if hasattr(config, "modules_to_save"):
-        config.modules_to_save = list(heads)
-    return get_peft_model(model, config)
+    return inject_peft(model, block, heads).model
+
+
+def refused_before(family: str, block: dict, heads: list[str]):
+    """The pipeline's own check before weights load (tasks.methods.hf_peft.refusal_on, on a meta-device
+    copy of the model), or None."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tasks.methods.hf_peft import refusal_on
+
+    with torch.device("meta"):
+        meta = AutoModelForSequenceClassification.from_config(family_config(family))
+    return refusal_on(meta, block, heads)
 
 
 def declined(exc: BaseException) -> bool:
@@ -201,8 +208,13 @@ def run_cell(peft_type: str, family: str, quant: str, folder: Path) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     model, heads = load(family, save_family(family, folder), quant)
+    block = block_for(peft_type, family)
+    try:  # what peft-bench run's pre-check says before any weight loads (not the verdict)
+        cell["precheck"] = refused_before(family, block, heads)
+    except Exception:  # noqa: BLE001 - the pre-check leaves these to the run
+        cell["precheck"] = None
     try:
-        model = inject(model, block_for(peft_type, family), heads)
+        model = inject(model, block, heads)
     except Exception as exc:  # noqa: BLE001 - peft declining the config or the model, or broken
         return {**cell, "status": "refused" if declined(exc) else "fails", "reason": first_line(exc),
                 "seconds": round(time.perf_counter() - t0, 2)}
