@@ -209,7 +209,9 @@ def flow_run(prefect_harness, tmp_path_factory, tiny_model_dir, sst2_dir):
                       {"name": "plus", "method": "peft", "peft": LORA,
                        "optimizer": {"name": "loraplus", "lr_ratio": 4}},
                       {"name": "fa", "method": "peft", "peft": LORA,
-                       "optimizer": {"name": "lorafa"}}]
+                       "optimizer": {"name": "lorafa"}},
+                      {"name": "pt", "method": "peft",
+                       "peft": {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}}]
     result = benchmark(config=cfg)
     return cfg, result, MlflowClient(cfg["tracking"]["tracking_uri"]), tmp
 
@@ -288,3 +290,34 @@ def test_the_lorafa_run_kept_a_at_its_init_and_trained_b(flow_run, tiny_model_di
     assert a_keys and b_keys
     assert all(torch.equal(saved[k], init[k]) for k in a_keys)
     assert all(saved[k].abs().max() > 0 for k in b_keys)
+
+
+def test_prompt_tuning_runs_through_the_loop(flow_run):
+    cfg, result, client, tmp = flow_run
+    run = _child(client, cfg, result["parent_run_id"], "pt")
+    assert run.info.status == "FINISHED"
+    # 4 virtual tokens x 32 dims of GPT-2's embedding, plus the head (32 x 2), trained
+    assert run.data.metrics["trainable_params"] == 4 * 32 + 32 * 2
+    local = Path(client.download_artifacts(run.info.run_id, "adapter", str(tmp / "pt")))
+    assert json.loads((local / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
+
+
+def test_a_4bit_base_under_peft_lora(tiny_model_dir):
+    """quantization: set on method: peft loads the base 4-bit, as for qlora; peft wraps the
+    bitsandbytes Linear4bit with its own 4-bit LoRA layer, the head stays float."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit as PeftLoRA4bit
+
+    from tasks.load import load_model
+
+    cfg = BenchConfig.model_validate({"name": "x", "model": {"name_or_path": str(tiny_model_dir)},
+                                      "methods": [{"name": "q", "method": "peft", "peft": LORA,
+                                                   "quantization": {}}]})
+    model = load_model(cfg.model, cfg.methods[0], 2, 0, CPU)
+    wrapped = inject_adapter_task.fn(model, cfg.methods[0]).model
+    layers = dict(wrapped.named_modules())
+    attn = [m for n, m in layers.items() if n.endswith("attn.c_attn")]
+    assert attn and all(isinstance(m, PeftLoRA4bit) for m in attn)
+    assert all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in attn)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for n, m in layers.items() if ".score" in n)
+    assert torch.isfinite(wrapped(**batch()).logits).all()
