@@ -67,13 +67,16 @@ def learning_section(path: Path = LEARNING_JSON) -> list[str]:
              "| preset | peft type | accuracy | at this budget | train s |",
              "|---|---|---:|---|---:|"]
     for r in doc["presets"]:
-        verdict = ("learns" if r["learns"] else
-                   f"not learning at this budget (acc {r['accuracy']:.3f} vs majority "
-                   f"{doc['majority']:.3f})") if r.get("accuracy") is not None else \
-            f"fails: {r.get('error')}"
+        if r.get("accuracy") is None:  # broke, or not measured yet (the error says which)
+            verdict = r["error"] if r.get("measured") is False else f"fails: {r.get('error')}"
+        elif r["learns"]:
+            verdict = "learns"
+        else:
+            verdict = (f"not learning at this budget (acc {r['accuracy']:.3f} vs majority "
+                       f"{doc['majority']:.3f})")
         acc = f"{r['accuracy']:.3f}" if r.get("accuracy") is not None else "—"
-        lines.append(f"| {r['name']} | {r['peft_type']} | {acc} | {verdict} "
-                     f"| {r.get('train_time_s', 0):.1f} |")
+        secs = f"{r['train_time_s']:.1f}" if r.get("train_time_s") is not None else "—"
+        lines.append(f"| {r['name']} | {r['peft_type']} | {acc} | {verdict} | {secs} |")
     return lines + [""]
 
 
