@@ -209,9 +209,7 @@ def flow_run(prefect_harness, tmp_path_factory, tiny_model_dir, sst2_dir):
                       {"name": "plus", "method": "peft", "peft": LORA,
                        "optimizer": {"name": "loraplus", "lr_ratio": 4}},
                       {"name": "fa", "method": "peft", "peft": LORA,
-                       "optimizer": {"name": "lorafa"}},
-                      {"name": "pt", "method": "peft",
-                       "peft": {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}}]
+                       "optimizer": {"name": "lorafa"}}]
     result = benchmark(config=cfg)
     return cfg, result, MlflowClient(cfg["tracking"]["tracking_uri"]), tmp
 
@@ -292,13 +290,43 @@ def test_the_lorafa_run_kept_a_at_its_init_and_trained_b(flow_run, tiny_model_di
     assert all(saved[k].abs().max() > 0 for k in b_keys)
 
 
-def test_prompt_tuning_runs_through_the_loop(flow_run):
-    cfg, result, client, tmp = flow_run
+PROMPT = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}
+
+
+def test_prompt_methods_are_refused_on_a_last_token_head(tiny_model_dir, sst2_dir, tmp_path):
+    """GPT-2's head would pool a padding token of every right-padded row (inputs_embeds)."""
+    from tasks.methods.hf_peft import LAST_TOKEN_PROMPT
+    from tasks.preflight import check_targets
+
+    cfg = make_bench_config(tmp_path, tiny_model_dir, sst2_dir)
+    for block in (PROMPT, {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}):
+        cfg["methods"] = [{"name": "pt", "method": "peft", "peft": block}]
+        with pytest.raises(ConfigError, match=r"methods\.0 \(pt\): .*inputs_embeds"):
+            check_targets(BenchConfig.model_validate(cfg))
+    assert refusal(BenchConfig.model_validate(cfg).model, PROMPT) == LAST_TOKEN_PROMPT
+
+
+def test_prompt_tuning_runs_through_the_loop_on_an_encoder(prefect_harness, tmp_path,
+                                                           tiny_model_dir, sst2_dir):
+    from _models import family_model_dir
+
+    from flows.benchmark import benchmark
+
+    bert = family_model_dir("bert", tmp_path / "bert", tiny_model_dir)
+    cfg = make_bench_config(tmp_path, bert, sst2_dir)
+    cfg["methods"] = [{"name": "pt", "method": "peft", "peft": PROMPT}]
+    result = benchmark(config=cfg)
+    client = MlflowClient(cfg["tracking"]["tracking_uri"])
     run = _child(client, cfg, result["parent_run_id"], "pt")
     assert run.info.status == "FINISHED"
-    # 4 virtual tokens x 32 dims of GPT-2's embedding, plus the head (32 x 2), trained
-    assert run.data.metrics["trainable_params"] == 4 * 32 + 32 * 2
-    local = Path(client.download_artifacts(run.info.run_id, "adapter", str(tmp / "pt")))
+    hidden = json.loads((bert / "config.json").read_text())["hidden_size"]
+    heads = sum(p.numel() for n, p in
+                __import__("transformers").AutoModelForSequenceClassification.from_pretrained(
+                    bert, num_labels=2).named_parameters()
+                if n.startswith(("bert.pooler", "classifier")))
+    # the virtual tokens (4 x the embedding width) and the head (pooler + classifier), trained
+    assert run.data.metrics["trainable_params"] == 4 * hidden + heads
+    local = Path(client.download_artifacts(run.info.run_id, "adapter", str(tmp_path / "pt")))
     assert json.loads((local / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
 
 

@@ -36,6 +36,16 @@ def inject_peft(model, block: dict, head_modules: list[str]) -> PeftSummary:
     return PeftSummary("peft", *count_params(wrapped), adapted_layers=layers, model=wrapped)
 
 
+# Decoder heads (`score`: GPT-2, Llama, Mistral, Qwen2, OPT) pool the last real token, found
+# from input_ids. Prompt-based methods hand the model inputs_embeds instead, and transformers
+# then pools the last position (GPT2ForSequenceClassification: "will not detect padding tokens
+# in inputs_embeds"), a padding token on every right-padded row: the run would train and score
+# on the wrong token and still report a number.
+LAST_TOKEN_PROMPT = ("prompt-based methods (prompt, prefix, p-tuning) pass inputs_embeds, and "
+                     "this model's head then reads the last position, a padding token on every "
+                     "right-padded row; use an encoder (BERT, RoBERTa, DeBERTa) for them")
+
+
 def refusal_on(meta_model, block: dict, head_modules: list[str]) -> Optional[str]:
     """peft's reason for refusing `block` on this (meta-device) model, or None. peft 0.21 raises
     TypeError for a layer type its tuner lacks (GPT-2's Conv1D under OFT, BOFT, HRA, LoHa,
@@ -44,6 +54,8 @@ def refusal_on(meta_model, block: dict, head_modules: list[str]) -> Optional[str
     config = build_peft_config(block, head_modules)
     from peft import get_peft_model
 
+    if config.is_prompt_learning and "score" in head_modules:
+        return LAST_TOKEN_PROMPT
     try:
         get_peft_model(copy.deepcopy(meta_model), config)
     except (ValueError, TypeError) as e:
