@@ -128,3 +128,29 @@ def test_dominance_beyond_noise():
               "slow-bad": (_iv(500, 10), _iv(0.80, 0.005)),
               "noisy": (_iv(450, 300), _iv(0.85, 0.2))}
     assert pareto_beyond_noise(points) == {"full", "lora", "noisy"}
+
+
+def test_identical_differences_on_every_seed_are_decided_by_mcnemar():
+    """Two seeds, +2.0 points each (on 200 rows: as computed in floats, 0.85 - 0.83 and 0.86 -
+    0.84): the t-interval has no width and would exclude 0. McNemar's exact test on each seed
+    (scipy's binomial test as the oracle) decides instead: 6 against 2 discordant rows is
+    p ≈ 0.29, not significant; 30 against 2 is significant."""
+    from tasks.analysis.aggregate import Comparison
+    from tasks.analysis.stats import McNemar
+
+    diff = paired_difference([0.83, 0.84], [0.85, 0.86])
+    assert diff.has_interval and diff.excludes(0.0)  # the degenerate interval alone says yes
+    p_weak = st.binomtest(2, 8, 0.5).pvalue
+    weak = {1: McNemar(2, 6, p_weak), 2: McNemar(2, 6, p_weak)}
+    c = Comparison("m", "ref", [1, 2], weak, diff, None, None)
+    assert c.no_spread and c.significant is False and "McNemar" in c.basis
+    p_strong = st.binomtest(2, 32, 0.5).pvalue
+    assert p_strong < 0.05
+    strong = {1: McNemar(2, 30, p_strong), 2: McNemar(2, 30, p_strong)}
+    assert Comparison("m", "ref", [1, 2], strong, diff, None, None).significant is True
+    # No predictions logged: nothing decides it.
+    assert Comparison("m", "ref", [1, 2], {}, diff, None, None).significant is None
+    # A real spread keeps the t-interval as the basis.
+    spread = paired_difference([0.83, 0.84, 0.80], [0.85, 0.87, 0.84])
+    s = Comparison("m", "ref", [1, 2, 3], weak, spread, None, None)
+    assert not s.no_spread and s.significant is spread.excludes(0.0) and "t-interval" in s.basis

@@ -106,18 +106,30 @@ class Comparison:
     @property
     def significant(self) -> Optional[bool]:
         """Across seeds: the 95% interval of the accuracy difference excludes 0. With one seed
-        there is no interval, so McNemar's exact test on that seed decides (p < 0.05)."""
+        there is no interval, and with seeds whose differences are identical (two seeds, +2.0
+        points each) it has no width: it says nothing of the noise, and would call any such
+        difference significant. Then McNemar's exact test decides, on every seed (p < 0.05)."""
         if self.acc_diff is None:
             return None
-        if self.acc_diff.has_interval:
+        if self.acc_diff.has_interval and not self.no_spread:
             return self.acc_diff.excludes(0.0)
-        if len(self.mcnemar) == 1:
-            return next(iter(self.mcnemar.values())).p < 0.05
+        if self.mcnemar and (len(self.mcnemar) == 1 or self.no_spread):
+            return all(m.p < 0.05 for m in self.mcnemar.values())
         return None
 
     @property
+    def no_spread(self) -> bool:
+        """Identical differences on every seed. Accuracies on N rows differ in steps of 1/N, so
+        a std this small is floating-point rounding, never a real spread."""
+        d = self.acc_diff
+        return d is not None and d.has_interval and d.std is not None and d.std < 1e-9
+
+    @property
     def basis(self) -> str:
-        if self.acc_diff is not None and self.acc_diff.has_interval:
+        if self.no_spread and self.mcnemar:
+            return (f"McNemar's exact test on each of {len(self.mcnemar)} seeds (their "
+                    "differences are identical: the t-interval has no width)")
+        if self.acc_diff is not None and self.acc_diff.has_interval and not self.no_spread:
             return f"95% t-interval over {self.acc_diff.n} seeds"
         return "McNemar's exact test, one seed" if self.mcnemar else "no paired data"
 
