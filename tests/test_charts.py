@@ -49,7 +49,7 @@ def seed_runs(method: str, kind: str, accs, times, mems) -> list[SeedRun]:
                                      "step_time_median_s", "eval_time_s", "eval_samples_per_s",
                                      "trainable_params", "total_params", "trainable_pct",
                                      "model_size_mb", "adapter_size_mb", "train_steps",
-                                     "other_cpu_share")}
+                                     "other_cpu_share", "memory_avg_mb", "memory_p99_mb")}
         metrics.update({"accuracy": acc, "train_time_s": t, "peak_memory_mb": mem,
                         "samples_per_s": 2000 / t, "tokens_per_s": 2000 * 61.7 / t,
                         "step_time_median_s": t / 125, "eval_time_s": t / 9})
