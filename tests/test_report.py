@@ -230,15 +230,20 @@ def test_verdicts_against_reference(bench):
         num = v["numbers"]
         assert num["accuracy_diff"]["mean"] == pytest.approx(np.mean(diffs), abs=1e-12)
         assert num["accuracy_diff"]["ci"] == pytest.approx(_t_ci(diffs, -1, 1), rel=1e-9)
-        assert num["significant"] == (not _t_ci(diffs)[0] <= 0 <= _t_ci(diffs)[1])
         logs = [math.log(mine[s][1]["train_time_s"] / full[s][1]["train_time_s"]) for s in SEEDS]
         assert num["time_ratio"]["mean"] == pytest.approx(math.exp(np.mean(logs)), rel=1e-12)
+        ps = []
         for seed in SEEDS:  # McNemar from the predictions, counted and summed here
             ref_ok = predictions("full", seed) == LABELS
             my_ok = predictions(method, seed) == LABELS
             b, c = int((ref_ok & ~my_ok).sum()), int((my_ok & ~ref_ok).sum())
             p = min(1.0, 2 * sum(math.comb(b + c, k) for k in range(min(b, c) + 1)) / 2 ** (b + c))
             assert num["mcnemar"][str(seed)] == {"b": b, "c": c, "p": pytest.approx(p, rel=1e-9)}
+            ps.append(p)
+        # Identical differences on every seed: no interval width, McNemar on every seed decides.
+        same = np.std(diffs, ddof=1) < 1e-9
+        assert num["significant"] == (all(p < 0.05 for p in ps) if same else
+                                      not _t_ci(diffs)[0] <= 0 <= _t_ci(diffs)[1])
     assert verdicts["qlora-r8"]["significance"] == "significant"  # 3 pt below, tight seeds
     md = result.markdown_path.read_text(encoding="utf-8")
     assert "## Verdicts against full" in md and verdicts["dora-r8"]["sentence"] in md
