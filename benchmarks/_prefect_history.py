@@ -33,7 +33,7 @@ async def _fill(n: int) -> None:
                         flow_id=flows[i % 2].id, name=f"history-{i}",
                         state=schemas.states.Completed()))
                 logs += [schemas.actions.LogCreate(
-                    name="prefect.flow_runs", level=20, message=f"history run {i}: line {k}",
+                    name="benchmarks.history", level=20, message=f"history run {i}: line {k}",
                     timestamp=datetime.now(timezone.utc), flow_run_id=run.id) for k in range(3)]
             await models.logs.create_logs(session=session, logs=logs)
 
