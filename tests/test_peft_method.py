@@ -198,6 +198,23 @@ def test_a_method_peft_refuses_on_conv1d_is_refused_in_preflight(tiny_model_dir,
         check_targets(BenchConfig.model_validate(cfg))
 
 
+
+def test_a_pre_check_that_cannot_run_on_meta_leaves_the_method_to_the_run(tiny_model_dir,
+                                                                          sst2_dir, tmp_path):
+    """SHiRA builds its mask with torch.nonzero, which has no meta-device kernel: the pre-check
+    cannot tell, so it lets the method through (it trains on BERT, docs/methods.md) instead of
+    ending `peft-bench run` with a NotImplementedError before any run (seen on methods-all)."""
+    from _models import family_model_dir
+
+    from tasks.preflight import check_targets
+
+    cfg = make_bench_config(tmp_path, family_model_dir("bert", tmp_path / "bert", tiny_model_dir),
+                            sst2_dir)
+    shira = {"peft_type": "SHIRA", "r": 2, "target_modules": ["query", "value"]}
+    cfg["methods"] = [{"name": "shira", "method": "peft", "peft": shira}]
+    check_targets(BenchConfig.model_validate(cfg))
+    assert refusal(BenchConfig.model_validate(cfg).model, shira) is None
+
 # ------------------------------------------------------------------ the real flow
 @pytest.fixture(scope="module")
 def flow_run(prefect_harness, tmp_path_factory, tiny_model_dir, sst2_dir):

@@ -68,7 +68,7 @@ def test_configs_inline_presets_unchanged():
             want = {k: v for k, v in want.items() if k != "sweep"}
         assert block == want, f"{config.name}: {block['name']} differs from its preset"
         checked += 1
-    assert checked >= 6  # quickstart-methods inlines its handful
+    assert checked >= 6 + len(PRESETS)  # quickstart-methods its handful, methods-all every one
 
 
 def test_quickstart_methods_compares_against_lora():
@@ -78,3 +78,12 @@ def test_quickstart_methods_compares_against_lora():
     assert cfg.training.seeds == [1, 2]
     assert {m.peft["peft_type"] for m in cfg.methods if m.method == "peft"} >= {
         "LORA", "VERA", "IA3", "LOHA", "OFT"}
+
+
+def test_methods_all_runs_every_preset_against_lora():
+    raw = yaml.safe_load((ROOT / "configs" / "methods-all.yaml").read_text(encoding="utf-8"))
+    cfg = build_config(raw, "methods-all")
+    assert sorted(m.name for m in cfg.methods) == sorted(p.stem for p in PRESETS)
+    assert cfg.reference == "lora" and cfg.methods[0].method == "lora"
+    assert cfg.training.seeds == [1, 2] and not raw.get("sweep")
+    assert sum(m.method == "peft" for m in cfg.methods) >= 20

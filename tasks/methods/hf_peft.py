@@ -60,6 +60,8 @@ def refusal_on(meta_model, block: dict, head_modules: list[str]) -> Optional[str
         get_peft_model(copy.deepcopy(meta_model), config)
     except (ValueError, TypeError) as e:
         return " ".join(str(e).split())[:500]
+    except Exception:  # noqa: BLE001 - e.g. SHiRA's mask through torch.nonzero, no meta kernel
+        return None
     return None
 
 
