@@ -20,7 +20,8 @@ from prefect.concurrency.sync import concurrency
 from prefect.runtime import deployment, flow_run
 from prefect.utilities.annotations import quote
 
-import peft_modules as pm
+from flows.orchestration import torchrun
+from flows.orchestration.outputs import log_outputs, run_note, summary_of, timing_tags
 from flows.orchestration.trials import TrialHook, trial_hook
 from tasks.common import names, progress
 from tasks.common.errors import describe
@@ -29,9 +30,8 @@ from tasks.config import sweep
 from tasks.config.build import public_dump, revealed
 from tasks.config.schema import BenchConfig, MethodConfig
 from tasks.data.labels import names_tag
-from tasks.evaluate import EvalResult, evaluate_task, plot_confusion, with_label_names
+from tasks.evaluate import EvalResult, evaluate_task
 from tasks.load import inject_adapter_task, load_model_task, saved_size_mb
-from tasks.methods.hf_peft import save_peft
 from tasks.methods.optim import optimizer_factory
 from tasks.preflight import resolve_device
 from tasks.prepare import PreparedData, prepare_dataset
@@ -39,8 +39,9 @@ from tasks.tracking import runs as tracking
 from tasks.tracking.lifecycle import reopen
 from tasks.tracking.owner import owner_alive, owner_tag
 from tasks.tracking.reuse import copy_run, find_reusable, run_key
-from tasks.train import CheckpointPlan, NonFiniteError, TrainResult, train_task
-from tasks.training import checkpoint
+from tasks.train import CheckpointPlan, NonFiniteError, train_task
+from tasks.training import checkpoint, distributed
+from tasks.training.distributed import Rank
 from tasks.training.memory import PeakMemory
 
 
@@ -91,6 +92,9 @@ def start_child_run(cfg: BenchConfig, method: MethodConfig, parent_run_id: str,
     params = {**tracking.flatten(shared),
               **tracking.flatten(method.model_dump(mode="json", exclude={"sweep"}), "method."),
               "method.effective_lr": str(method.lr or cfg.training.lr)}
+    if cfg.training.distributed is not None:
+        params |= {names.WORLD_SIZE: str(cfg.training.distributed.world_size),
+                   names.DIST_STRATEGY: cfg.training.distributed.strategy}
     seed = cfg.training.seed
     seeds = cfg.training.run_seeds
     role = names.ROLE_GRID if plan.phase == "grid" else names.ROLE_CHILD
@@ -125,33 +129,57 @@ def evaluate(cfg: BenchConfig, model, data: PreparedData, device: torch.device,
 
 
 def train_and_measure(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_id: str,
-                      device: torch.device, split: str = "eval", hook: Optional[TrialHook] = None):
+                      device: torch.device, split: str = "eval", hook: Optional[TrialHook] = None,
+                      rank: Optional[Rank] = None):
     """Load, inject and train inside one peak-memory window (the method's own memory); a sweep
-    trial's `hook` hears each periodic evaluation and may stop the training there (pruned)."""
+    trial's `hook` hears each periodic evaluation and may stop the training there (pruned).
+    Under torchrun (`rank`), the model is trained inside DDP or FSDP; only the owner logs."""
+    owner = rank is None or rank.owner
     with PeakMemory(device) as mem:
-        model = load_model_task(cfg.model, method, data.num_labels, data.pad_token_id, str(device),
-                                data.label_names)
-        with mem.excluded():  # writing a checkpoint to measure it is not the method's memory
-            model_size_mb = saved_size_mb(model)
-        summary = inject_adapter_task(model, method)
-        if getattr(summary, "model", None) is not None:  # method: peft: train the PeftModel
-            model = summary.model
-
-        buffer = tracking.MetricBuffer(run_id, cfg.tracking)
+        model, summary, model_size_mb = build_model(cfg, method, data, device, mem)
+        if rank is not None:
+            model = distributed.wrap(model, rank, device)
+        buffer = tracking.MetricBuffer(run_id, cfg.tracking) if owner else None
 
         def eval_fn(step: int) -> bool:
-            ev = evaluate(cfg, model, data, device, split=split)
-            log_eval(run_id, cfg, ev, step)
-            return hook is not None and hook(step, ev.metrics, run_id)
+            stop = False
+            if owner or rank.fsdp:  # FSDP's forward gathers shards: every rank takes part
+                ev = evaluate(cfg, distributed.unwrap(model), data, device, split=split)
+            if owner:
+                log_eval(run_id, cfg, ev, step)
+                stop = hook is not None and hook(step, ev.metrics, run_id)
+            return rank.agree(stop) if rank is not None else stop
 
         try:
-            result = train_task(model, quote(data.train), cfg.training,
-                                method.lr or cfg.training.lr, data.pad_token_id, str(device),
-                                buffer.add, eval_fn, checkpoint_plan(cfg, run_id),
-                                optimizer_factory(method))
+            result = call(train_task, model, quote(data.train), cfg.training,
+                          method.lr or cfg.training.lr, data.pad_token_id, str(device),
+                          buffer.add if buffer else None, eval_fn, checkpoint_plan(cfg, run_id),
+                          optimizer_factory(method), rank)
         finally:
-            buffer.flush()
+            if buffer:
+                buffer.flush()
     return model, summary, result, mem.metrics(), model_size_mb
+
+
+def build_model(cfg: BenchConfig, method: MethodConfig, data: PreparedData, device: torch.device,
+                mem: Optional[PeakMemory] = None):
+    """The base model with the method injected; (model, its AdapterSummary, model size MB)."""
+    model = call(load_model_task, cfg.model, method, data.num_labels, data.pad_token_id,
+                 str(device), data.label_names)
+    with mem.excluded() if mem else contextlib.nullcontext():
+        model_size_mb = saved_size_mb(model)  # writing it to measure it is not the method's memory
+    summary = call(inject_adapter_task, model, method)
+    if getattr(summary, "model", None) is not None:  # method: peft: train the PeftModel
+        model = summary.model
+    return model, summary, model_size_mb
+
+
+def call(task, *args):
+    """A Prefect task, called as such in a flow run; in a torchrun rank (no flow run there)
+    its function itself, so that N ranks do not each record task runs."""
+    if not torch.distributed.is_initialized():
+        return task(*args)
+    return task.fn(*(a.unquote() if isinstance(a, quote) else a for a in args))
 
 
 def checkpoint_plan(cfg: BenchConfig, run_id: str) -> Optional[CheckpointPlan]:
@@ -165,54 +193,29 @@ def checkpoint_folder(cfg: BenchConfig, run_id: str) -> Path:
     return Path(cfg.training.checkpoint_dir) / run_id
 
 
-def save_weights(cfg: BenchConfig, method: MethodConfig, model, folder: Path,
-                 label_names: Optional[list[str]] = None) -> Path:
-    """The trained weights as others load them: an adapter in Hugging Face peft's layout
-    (adapter_model.safetensors + adapter_config.json, the head as modules_to_save), which
-    `peft.PeftModel.from_pretrained` and peft-serving stacks read; for full fine-tuning every
-    trained tensor (our layout). Returns the weights file (its size is the adapter size).
-    With class names, the model's config.json beside them: its id2label says what each
-    output is (an adapter alone cannot say it)."""
-    if method.method == "full":
-        weights = pm.save_adapter(model, method.adapter_spec(), folder)
-    elif method.method == "peft":
-        weights = save_peft(model, folder, redact(cfg.model.name_or_path))
-    else:
-        weights = pm.save_peft_adapter(model, method.adapter_spec(), folder,
-                                       base_model_name_or_path=redact(cfg.model.name_or_path))
-    if label_names is not None:
-        model.config.save_pretrained(folder)
-    return weights
 
 
-def log_outputs(run_id: str, cfg: BenchConfig, method: MethodConfig, model, ev: EvalResult,
-                out: Path, label_names: Optional[list[str]] = None) -> float:
-    """Artifacts: adapter (or full weights), predictions, confusion matrix, resolved config;
-    class names, when the labels have them, in all but the config."""
-    adapter_dir = out / names.ADAPTER_ARTIFACTS
-    weights = save_weights(cfg, method, model, adapter_dir, label_names)
-    with_label_names(ev.predictions, label_names).to_csv(out / names.PREDICTIONS, index=False)
-    plot_confusion(ev.confusion, out / names.CONFUSION_MATRIX, method.name, label_names)
-    for name in (names.PREDICTIONS, names.CONFUSION_MATRIX):
-        tracking.log_artifact(run_id, cfg.tracking, out / name)
-    tracking.log_config(run_id, cfg)
-    if cfg.tracking.log_weights:
-        tracking.log_artifact(run_id, cfg.tracking, adapter_dir, names.ADAPTER_ARTIFACTS)
-    return weights.stat().st_size / 2**20
 
 
 def run_method(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_id: str,
                device: torch.device, resumed: bool = False, split: str = "eval",
-               hook: Optional[TrialHook] = None) -> dict[str, float]:
+               hook: Optional[TrialHook] = None, rank: Optional[Rank] = None) -> dict[str, float]:
     torch.manual_seed(cfg.training.seed)  # head and adapter init follow the seed
     folder = checkpoint_folder(cfg, run_id)
-    log_inputs(cfg, data, run_id, split, resumed)
+    owner = rank is None or rank.owner
+    if owner:
+        log_inputs(cfg, data, run_id, split, resumed)
     try:
-        model, summary, res, memory, model_size_mb = train_and_measure(cfg, method, data,
-                                                                       run_id, device, split, hook)
+        model, summary, res, memory, model_size_mb = train_and_measure(cfg, method, data, run_id,
+                                                                       device, split, hook, rank)
+        if rank is not None:
+            model, memory = trained_model(cfg, method, data, device, model, rank, memory)
+        if not owner:
+            return {}
         ev = evaluate(cfg, model, data, device, with_texts=True, split=split)
     except NonFiniteError:  # a diverged run's checkpoints would only diverge again
-        checkpoint.clear(folder)
+        if owner:
+            checkpoint.clear(folder)
         raise
     log_eval(run_id, cfg, ev, res.steps)
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,6 +236,23 @@ def run_method(cfg: BenchConfig, method: MethodConfig, data: PreparedData, run_i
     return result
 
 
+def trained_model(cfg: BenchConfig, method: MethodConfig, data: PreparedData,
+                  device: torch.device, model, rank: Rank, memory: dict[str, float]):
+    """After distributed training: the owner's plain model with the trained weights (DDP: the
+    wrapped module; FSDP: the shards gathered into a fresh copy, loaded as the run began), and
+    the memory metrics with every rank's peak (collectives: every rank calls this)."""
+    memory = distributed.memory_of_ranks(memory, rank)
+    if not rank.fsdp:
+        return distributed.unwrap(model), memory
+    state = distributed.full_state(model)
+    if not rank.owner:
+        return None, memory
+    torch.manual_seed(cfg.training.seed)
+    plain, _, _ = build_model(cfg, method, data, device)
+    plain.load_state_dict(state)
+    return plain, memory
+
+
 def log_inputs(cfg: BenchConfig, data: PreparedData, run_id: str, split: str,
                resumed: bool) -> None:
     """The datasets (once: a resumed run has them) and the class names, if any."""
@@ -244,55 +264,10 @@ def log_inputs(cfg: BenchConfig, data: PreparedData, run_id: str, split: str,
         tracking.set_tags(run_id, cfg.tracking, {names.LABEL_NAMES: names_tag(data.label_names)})
 
 
-def summary_of(res: TrainResult, summary: pm.AdapterSummary, ev: EvalResult,
-               memory: dict[str, float], model_size_mb: float,
-               adapter_mb: float) -> dict[str, float]:
-    out = {names.TRAIN_TIME: res.train_time_s, names.STEP_TIME_MEDIAN: res.step_time_median_s,
-           names.SAMPLES_PER_S: res.samples_per_s, names.TOKENS_PER_S: res.tokens_per_s,
-           names.TRAIN_STEPS: res.steps, **memory,  # peak, and per-step average and p99
-           names.TRAINABLE_PARAMS: summary.trainable_params,
-           names.TOTAL_PARAMS: summary.total_params, names.TRAINABLE_PCT: summary.trainable_pct,
-           names.MODEL_SIZE: model_size_mb, names.ADAPTER_SIZE: adapter_mb,
-           names.EVAL_TIME: ev.metrics[names.EVAL_TIME],
-           names.PERIODIC_EVAL_TIME: res.periodic_eval_s,
-           names.EVAL_SAMPLES_PER_S: ev.metrics[names.EVAL_SAMPLES_PER_S]}
-    if res.load is not None:
-        out[names.OTHER_CPU_SHARE] = res.load.other_share
-        if res.load.gpu_others is not None:
-            out[names.OTHER_GPU_PROCS] = res.load.gpu_others
-    return out
 
 
-def run_note(cfg: BenchConfig, method: MethodConfig, m: dict[str, float]) -> str:
-    """The run's description in the MLflow UI: what it is and its headline numbers."""
-    settings = f"lr {method.lr or cfg.training.lr:g}"
-    if method.method == "peft":
-        settings += f", peft {json.dumps(method.peft)}"
-    elif method.method != "full":
-        settings += f", rank {method.rank}, alpha {method.alpha:g}, targets {method.targets}"
-    return (f"**{method.name}** ({method.method}), seed {cfg.training.seed}, on "
-            f"`{redact(cfg.model.name_or_path)}`: {settings}.\n\n"
-            f"| accuracy | F1 | train s | peak MB | trainable |\n|---:|---:|---:|---:|---:|\n"
-            f"| {m.get(names.EVAL_ACCURACY, float('nan')):.4f} | {m.get(names.EVAL_F1, float('nan')):.4f} "
-            f"| {m[names.TRAIN_TIME]:.1f} | {m[names.PEAK_MEMORY]:.0f} | {m[names.TRAINABLE_PARAMS]:,.0f} |")
 
 
-def timing_tags(method: str, res: TrainResult, cfg: BenchConfig) -> dict[str, str]:
-    """Flag a run whose timings other processes disturbed, so the report warns instead of
-    ranking on them."""
-    load = res.load
-    if load is None:
-        return {}
-    bad = load.contaminated(cfg.training.contamination_threshold)
-    tags = {names.CONTAMINATED: str(bad).lower()}
-    if bad:
-        why = [f"other processes used {100 * load.other_share:.0f}% of the machine's CPU "
-               f"(threshold {100 * cfg.training.contamination_threshold:.0f}%)"]
-        if load.gpu_others:
-            why.append(f"{load.gpu_others} other process(es) on the GPU")
-        tags[names.TIMING_WARNING] = (f"{method} (seed {cfg.training.seed}): "
-                                      + " and ".join(why) + " while it trained")
-    return tags
 
 
 # The slot is leased: the holder renews it every 45 s; if the holder dies (worker killed),
@@ -386,8 +361,12 @@ def finetune(config: dict, method_name: str, parent_run_id: str, seed: Optional[
         progress.say(f"▶ {what}: MLflow run {run_id}{' (resumed)' if existing else ''}")
         try:
             with tracking.closing_run(cfg.tracking, run_id, system_metrics=True):
-                out = run_method(cfg, method, data, run_id, device,
-                                 resumed=existing is not None, split=plan.split, hook=hook)
+                if cfg.training.distributed is not None:  # the ranks log into run_id
+                    out = torchrun.run_job(cfg, method.name, run_id, parent_run_id, str(device),
+                                           existing is not None, plan.split, plan.point, phase)
+                else:
+                    out = run_method(cfg, method, data, run_id, device,
+                                     resumed=existing is not None, split=plan.split, hook=hook)
         except Exception as e:
             progress.say(f"✗ {what}: FAILED: {describe(e, one_line=True, limit=300)}")
             raise

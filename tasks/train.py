@@ -29,6 +29,7 @@ from tasks.common import names, progress
 from tasks.config.schema import TrainingConfig
 from tasks.data.collate import SplitData, make_loader
 from tasks.training import checkpoint, memory
+from tasks.training.distributed import Rank, grad_norm_value, unwrap
 from tasks.training.machine_load import LoadReading, MachineLoad
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -145,9 +146,9 @@ def _diverged(what: str, step: int, value: float, losses: list[float], cfg: Trai
 
 def _grad_norm(trainable: list[torch.Tensor], max_norm: Optional[float]) -> float:
     if max_norm:
-        return float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+        return grad_norm_value(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
     grads = [p.grad for p in trainable if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    return grad_norm_value(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 @dataclass
@@ -167,6 +168,13 @@ class LoopContext:
     # (model, lr, weight_decay) -> optimizer in place of AdamW: peft.optimizers' LoRA+ and
     # LoRA-FA for method: peft (tasks/methods/optim.py); None: AdamW.
     make_optimizer: Optional[Callable] = None
+    # Under torchrun: this rank (tasks/training/distributed.py); the model is then DDP's or
+    # FSDP's, `log` is set on the owner only. None: one process.
+    dist: Optional[Rank] = None
+
+    @property
+    def world(self) -> int:
+        return self.dist.world if self.dist else 1
 
 
 @dataclass
@@ -204,13 +212,15 @@ def train_model(model: nn.Module, train: SplitData, cfg: TrainingConfig, lr: flo
                 pad_token_id: int, device: torch.device, log: Optional[LogFn] = None,
                 evaluate: Optional[Callable[[int], None]] = None,
                 ckpt: Optional[CheckpointPlan] = None,
-                make_optimizer: Optional[Callable] = None) -> TrainResult:
+                make_optimizer: Optional[Callable] = None,
+                dist: Optional[Rank] = None) -> TrainResult:
     """AdamW (or `make_optimizer`'s) + schedule + accumulation + clipping. `log(metrics, step)`
     every `log_every` optimiser steps, `evaluate(step)` every `cfg.eval_every` steps (its time is not counted).
-    The machine's load from other processes is measured over the whole loop."""
+    The machine's load from other processes is measured over the whole loop (under torchrun
+    the job's other ranks on this host are not "other processes")."""
     ctx = LoopContext(model, train, cfg, lr, pad_token_id, device, log, evaluate, ckpt,
-                      make_optimizer)
-    with MachineLoad(gpu_index=_gpu_index(device)) as load:
+                      make_optimizer, dist)
+    with MachineLoad(gpu_index=_gpu_index(device), job_root=dist is not None) as load:
         res = _train_loop(ctx)
     res.load = load.reading
     return res
@@ -225,13 +235,14 @@ def _gpu_index(device: torch.device) -> Optional[int]:
 def _train_loop(ctx: LoopContext) -> TrainResult:
     cfg = ctx.cfg
     torch.manual_seed(cfg.seed)
-    loader = make_loader(ctx.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
+    # Under torchrun every rank draws the same global batches and keeps its rows of each.
+    loader = make_loader(ctx.train, cfg.batch_size * ctx.world, shuffle=True, seed=cfg.seed,
                          pad_token_id=ctx.pad_token_id, group_by_length=cfg.group_by_length)
     optim = Optimiser.build(ctx, len(loader))
     stream = BatchStream(loader)
     prog, note = _resume(ctx.ckpt, ctx.model, optim.opt, optim.sched, ctx.device, stream)
     ctx.model.train()
-    bar = progress.run_bar(optim.steps, prog.step, "train")
+    bar = progress.run_bar(optim.steps, prog.step, "train", disable=not _owner(ctx))
     micro, window = 0, []
     t0 = step_start = time.perf_counter()
     for batch in _take(stream, (optim.steps - prog.step) * cfg.grad_accum):
@@ -265,23 +276,33 @@ def _train_loop(ctx: LoopContext) -> TrainResult:
 
 def _forward_backward(ctx: LoopContext, batch: dict, prog: checkpoint.Progress) -> float:
     """One micro-batch: forward, check the loss (a non-finite one stops the run before any
-    backward), backward of loss / grad_accum. Returns the loss."""
+    backward), backward of loss / grad_accum. Returns the loss (of the global batch, under
+    torchrun: every rank's, weighted by its rows)."""
+    prog.samples += len(batch["labels"])  # the global batch: what the job trained on
+    prog.tokens += int(batch["attention_mask"].sum())
+    weight = 1.0
+    if ctx.dist is not None:
+        batch, weight = ctx.dist.shard(batch)
     batch = {k: v.to(ctx.device) for k, v in batch.items()}
     with autocast(ctx.device, ctx.cfg.precision):
         loss = ctx.model(**batch).loss
     value = loss.item()  # syncs CUDA, so the step time is real
+    if ctx.dist is not None:  # every rank stops together on a non-finite loss
+        value = ctx.dist.mean(value, weight)
     if not math.isfinite(value):
         raise _diverged("the loss", prog.step + 1, value, prog.losses, ctx.cfg, ctx.lr)
-    (loss / ctx.cfg.grad_accum).backward()
-    prog.samples += len(batch["labels"])
-    prog.tokens += int(batch["attention_mask"].sum())
+    (loss * weight / ctx.cfg.grad_accum).backward()  # loss * 1.0 is exact: one process unchanged
     return value
+
+
+def _owner(ctx: LoopContext) -> bool:
+    return ctx.dist is None or ctx.dist.owner
 
 
 def _resume(ckpt, model, opt, sched, device, stream: BatchStream):
     """The loop's progress from the newest usable checkpoint (fresh without one), and the note
     of any damaged checkpoint skipped: logged here, recorded on the run by the caller."""
-    back = checkpoint.restore(ckpt.folder, model, opt, sched, device) if ckpt else None
+    back = checkpoint.restore(ckpt.folder, unwrap(model), opt, sched, device) if ckpt else None
     if back is None:
         return checkpoint.Progress(), None
     if back.note:
@@ -315,14 +336,15 @@ def _between_steps(ctx: LoopContext, optim: Optimiser, prog: checkpoint.Progress
                 prog.step)
     if ctx.evaluate and cfg.eval_every and prog.step % cfg.eval_every == 0 and prog.step < steps:
         e0 = time.perf_counter()
-        stop = bool(ctx.evaluate(prog.step))
+        stop = bool(ctx.evaluate(prog.step))  # under torchrun: the ranks agree (flows/)
         ctx.model.train()
         prog.periodic_eval_s += time.perf_counter() - e0
     if ctx.ckpt is not None and prog.step % ctx.ckpt.every == 0 and prog.step < steps:
         prog.epoch, prog.batches_into_epoch = stream.epoch, stream.taken
         prog.train_time_s += segment
-        checkpoint.save(ctx.ckpt.folder, ctx.model, optim.opt, optim.sched, prog,
-                        stream.epoch_state, ctx.device, keep=cfg.keep_last)
+        if _owner(ctx):  # DDP: every rank holds the same weights and optimiser state
+            checkpoint.save(ctx.ckpt.folder, unwrap(ctx.model), optim.opt, optim.sched, prog,
+                            stream.epoch_state, ctx.device, keep=cfg.keep_last)
         prog.train_time_s -= segment  # added once, at the end
     return stop
 
@@ -332,6 +354,7 @@ def train_task(model: nn.Module, train: SplitData, cfg: TrainingConfig, lr: floa
                pad_token_id: int, device: str, log: Optional[LogFn] = None,
                evaluate: Optional[Callable[[int], None]] = None,
                ckpt: Optional[CheckpointPlan] = None,
-               make_optimizer: Optional[Callable] = None) -> TrainResult:
+               make_optimizer: Optional[Callable] = None,
+               dist: Optional[Rank] = None) -> TrainResult:
     return train_model(model, train, cfg, lr, pad_token_id, torch.device(device), log,
-                       evaluate, ckpt, make_optimizer)
+                       evaluate, ckpt, make_optimizer, dist)

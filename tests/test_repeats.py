@@ -252,6 +252,8 @@ def test_cpu_burnt_by_another_process_flags_the_timing(prefect_harness, tmp_path
 
 # Declared names that this run has no reason to write, and where they are checked instead.
 NOT_WRITTEN_HERE = {
+    "world_size": "distributed runs: test_distributed.py",
+    "distributed_strategy": "distributed runs: test_distributed.py",
     "other_gpu_processes": "CUDA only",
     "peft_bench.error": "failed runs: test_pipeline.py",
     "peft_bench.timing_warning": "contaminated runs: the burner test above",

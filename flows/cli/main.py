@@ -9,11 +9,13 @@ import typer
 from rich.console import Console
 
 from flows.cli.formats import COMPARE_HELP, REPORT_HELP, Format
+from flows.cli.join import JOIN_HELP, join
 from flows.infra.stack_cli import stack_app
 
 app = typer.Typer(help="peft-bench: Full fine-tuning vs LoRA vs DoRA vs QLoRA, with Prefect "
                        "and MLflow.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+app.command("join", help=JOIN_HELP)(join)
 console = Console(width=160)
 err_console = Console(width=160, stderr=True)  # beside a document on stdout (--format json)
 

@@ -74,7 +74,8 @@ def planned_steps(cfg: BenchConfig, train_rows: int, point: Optional[dict] = Non
 
     training = cfg.training.model_copy(update={k: v for k, v in (point or {}).items()
                                                if k in ("epochs", "max_steps")})
-    return total_steps(training, math.ceil(train_rows / training.batch_size))
+    world = training.distributed.world_size if training.distributed else 1
+    return total_steps(training, math.ceil(train_rows / (training.batch_size * world)))
 
 
 def jobs(cfg: BenchConfig) -> list[tuple[str, str, Optional[dict], str]]:

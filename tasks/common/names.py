@@ -32,6 +32,16 @@ PEAK_MEMORY = "peak_memory_mb"
 # CPU: the step's largest resident set. MB above the method's start level, like the peak.
 MEMORY_AVG = "memory_avg_mb"
 MEMORY_P99 = "memory_p99_mb"
+# Under torchrun (training.distributed), PEAK_MEMORY is the largest rank's peak and each rank's
+# own is a metric of its own: rank_metric(PEAK_MEMORY, r) -> "peak_memory_mb_rank1".
+WORLD_SIZE = "world_size"  # a param of a distributed child run, beside the strategy's
+DIST_STRATEGY = "distributed_strategy"
+
+
+def rank_metric(metric: str, rank: int) -> str:
+    return f"{metric}_rank{rank}"
+
+
 TRAINABLE_PARAMS = "trainable_params"
 TOTAL_PARAMS = "total_params"
 TRAINABLE_PCT = "trainable_pct"
@@ -186,7 +196,7 @@ FLOW_RUN_NAME = "prefect.flow_run_name"
 FLOW_RUN_URL = "prefect.flow_run_url"
 
 # ------------------------------------------------------------------ artifacts and events
-# A child run's files: flows/finetune.py `log_outputs` writes them (the config through
+# A child run's files: flows/orchestration/outputs.py `log_outputs` writes them (the config through
 # tasks/tracking/runs.py `log_config`, which logs the parent run's config too). The paired
 # comparison reads the predictions (tasks/analysis/aggregate.py); export and --resume read the
 # config (tasks/reporting/export.py, flows/cli/launch.py); a reused run gets copies of all three

@@ -9,6 +9,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from peft_modules.spec import AdapterSpec
+from tasks.config.distributed import DistributedConfig, check_distributed
 from tasks.config.peft_block import OptimizerConfig, apply_point, check_block, check_method
 from tasks.config.sweep import SweepConfig, check_grid, check_sweep, method_grid, split_point
 
@@ -209,6 +210,8 @@ class TrainingConfig(_Strict):
     contamination_threshold: float = Field(
         0.2, gt=0, le=1, description="share of the machine other processes may take before a "
         "method's timings are flagged as contaminated")
+    distributed: Optional[DistributedConfig] = Field(
+        None, description="run each method under torchrun over several processes or hosts")
 
     @field_validator("seeds")
     @classmethod
@@ -324,6 +327,8 @@ class BenchConfig(_Strict):
         ref = self.report.reference
         if ref is not None and ref not in names:
             raise ValueError(f"report.reference: {ref!r} is not a method name (methods: {names})")
+        if self.training.distributed is not None:
+            check_distributed(self.training.distributed, self.methods, self.training)
         if any(m.sweep for m in self.methods) and self.sweep is None:
             raise ValueError("a method has a sweep: grid but the config has no sweep: section")
         if self.sweep is not None:

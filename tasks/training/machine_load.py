@@ -145,11 +145,13 @@ class MachineLoad:
     """`with MachineLoad() as load: ...` then `load.reading`. With `gpu_index` set, a thread
     samples other processes on that GPU every `gpu_interval_s`."""
 
-    def __init__(self, gpu_index: Optional[int] = None, gpu_interval_s: float = 2.0):
+    def __init__(self, gpu_index: Optional[int] = None, gpu_interval_s: float = 2.0,
+                 job_root: bool = False):
         self.gpu_index = gpu_index
         self.gpu_interval_s = gpu_interval_s
         self.reading: Optional[LoadReading] = None
-        self._proc = psutil.Process()
+        # Under torchrun the job's other ranks are ours: count the launcher's whole tree.
+        self._proc = psutil.Process(os.getppid() if job_root else None)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._gpu_max: Optional[int] = None
