@@ -143,5 +143,34 @@ else
     say "peft or the project's dependencies are missing: skipping (c)"
 fi
 say ""
+say "## (d) 2-GPU DDP: the tiny model, LoRA and full, 2 ranks under torchrun (nccl)"
+say ""
+NGPU=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "${NGPU:-0}" -lt 2 ]; then
+    say "skipped: this machine has ${NGPU:-0} GPU(s); the 2-GPU DDP step needs 2"
+elif [ ! -f "$DATA/train.tsv" ]; then
+    say "no data: skipping (d)"
+else
+    D=$(mktemp -d)
+    "$(dirname "$PYTHON")/peft-bench" make-tiny-model "$D/tiny" --data "$DATA" >/dev/null 2>&1 || true
+    cat >"$D/ddp.yaml" <<YAML
+name: gpu-ddp
+model: {name_or_path: $D/tiny}
+data: {source: $DATA, train_size: 512, eval_size: 128, max_length: 64}
+methods: [{name: full, method: full}, {name: lora, method: lora, rank: 8, alpha: 16, targets: [c_attn]}]
+training: {epochs: 1, batch_size: 16, device: cuda, checkpoint_every: null, distributed: {nproc_per_node: 2}}
+tracking: {tracking_uri: "sqlite:///$D/mlflow.db"}
+report: {output_dir: $D/reports}
+YAML
+    if timeout 300 "$(dirname "$PYTHON")/peft-bench" run "$D/ddp.yaml" >"$OUT/ddp.log" 2>&1; then
+        grep -E "✓|│ (full|lora) " "$OUT/ddp.log" >>"$SUMMARY"
+        echo "(d) done"
+    else
+        say "(d) FAILED (exit $?); the end of $OUT/ddp.log:"
+        tail -n 15 "$OUT/ddp.log" | sed 's/^/    /' | tee -a "$SUMMARY"
+        FAILED=1
+    fi
+fi
+say ""
 say "summary written to $SUMMARY"
 exit $FAILED

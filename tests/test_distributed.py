@@ -38,6 +38,11 @@ TOL = 1e-5
 LORA = {"name": "lora", "method": "lora", "rank": 4, "alpha": 8, "dropout": 0.0,
         "targets": ["c_attn"]}
 FULL = {"name": "full", "method": "full"}
+QDORA = {"name": "qdora", "method": "qdora", "rank": 4, "alpha": 8, "dropout": 0.0,
+         "targets": ["c_attn"]}  # DoRA on the 4-bit base: both of our other kinds at once
+VERA = {"name": "vera", "method": "peft",  # Hugging Face peft's, through method: peft
+        "peft": {"peft_type": "VERA", "r": 16, "target_modules": ["c_attn"]}, "lr": 5e-3}
+EVERY = [FULL, LORA, QDORA, VERA]
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +96,13 @@ def _run(cfg: dict) -> tuple[dict, dict]:
 @pytest.fixture(scope="module")
 def one_process(prefect_harness, no_dropout_model, sst2_dir, tmp_path_factory):
     return _run(_config(tmp_path_factory.mktemp("one"), no_dropout_model, sst2_dir,
-                        [FULL, LORA], batch=32))
+                        EVERY, batch=32))
 
 
 @pytest.fixture(scope="module")
 def ddp(prefect_harness, no_dropout_model, sst2_dir, tmp_path_factory):
     return _run(_config(tmp_path_factory.mktemp("ddp"), no_dropout_model, sst2_dir,
-                        [FULL, LORA], batch=16, distributed={"nproc_per_node": 2}))
+                        EVERY, batch=16, distributed={"nproc_per_node": 2}))
 
 
 def _assert_same(ref: tuple, other: tuple, method: str, from_step: int = 1) -> None:
@@ -133,7 +138,7 @@ def test_a_rank_keeps_its_rows_of_each_global_batch():
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", [m["name"] for m in EVERY])
 def test_ddp_two_ranks_equal_one_process_at_the_global_batch(one_process, ddp, method):
     _assert_same(one_process, ddp, method)
     run = ddp[1][method]
